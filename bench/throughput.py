@@ -1,0 +1,355 @@
+"""Throughput benchmark: decode only, model only, mlcls end to end, and a plain torch baseline.
+
+    python bench/throughput.py --arch resnet50 --images 1000
+    python bench/throughput.py --arch mobilenet_v3_large --images 1000 --variants fp32 draft compile
+
+Every measurement runs in its own process (so each reports its own peak
+RSS) over the same corpus (bench/corpus.py), model, input size and batch
+size. Rates are steady-state: images after the first batch over the time
+after it; start-up (model load, compile, worker start) is reported apart.
+Results are printed and appended to bench/RESULTS.md with the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+OUT = os.environ.get("MLCLS_BENCH_DIR", os.path.join(ROOT, "bench", "out"))
+VARIANTS = {  # name: TagOptions overrides
+    "fp32": {"draft": False, "precision": "fp32"},
+    "draft": {"draft": True, "precision": "fp32"},
+    "compile": {"draft": True, "precision": "fp32", "compile": True},
+    "bf16": {"draft": True, "precision": "bf16"},
+    "gpu-decode": {"draft": True, "precision": "auto", "gpu_decode": True},
+    "cpu-decode": {"draft": True, "precision": "auto", "gpu_decode": False},
+    "auto": {},
+}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
+
+
+def bench_bundle(arch: str, classes: int = 80) -> str:
+    """A random-init bundle for `arch` at 224 px (cached)."""
+    from mlcls.bundle import create_bundle, load_bundle
+    from mlcls.errors import BundleError
+    from mlcls.images import Preprocess
+
+    path = os.path.join(OUT, "bundles", f"{arch}-{classes}")
+    try:
+        load_bundle(path)
+    except BundleError:
+        import torch
+
+        torch.manual_seed(0)
+        create_bundle(path, name=f"bench-{arch}", arch=arch, classes=[f"class{i:03d}" for i in range(classes)],
+                      preprocess=Preprocess(size=224, resize_size=256))
+    return path
+
+
+# ---------------------------------------------------------------- child modes
+
+
+class FirstBatchClock:
+    """Steady-state timing: starts at the first finished batch, counts the images after it."""
+
+    def __init__(self) -> None:
+        self.t0: float | None = None
+        self.images = 0
+
+    def tick(self, n: int) -> None:
+        if self.t0 is None:
+            self.t0 = time.perf_counter()
+        else:
+            self.images += n
+
+    def rate(self) -> tuple[int, float]:
+        seconds = time.perf_counter() - (self.t0 or time.perf_counter())
+        return self.images, seconds
+
+
+def child_model(a: argparse.Namespace) -> dict:
+    import numpy as np
+    import torch
+
+    from mlcls.bundle import load_bundle
+    from mlcls.engine import Engine, resolve_device
+
+    bundle = load_bundle(a.bundle)
+    t = time.perf_counter()
+    engine = Engine(bundle, resolve_device(a.device), precision=a.precision, compile=a.compile,
+                    channels_last=not a.nchw)
+    size = bundle.preprocess.size
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (a.batch_size, size, size, 3), dtype=np.uint8))
+    if engine.device.type == "cuda":
+        x = x.pin_memory()
+    for _ in range(3):
+        engine.probs(x)
+    startup = time.perf_counter() - t
+    t = time.perf_counter()
+    for _ in range(a.iters):
+        engine.probs(x)
+    seconds = time.perf_counter() - t
+    return {"images": a.iters * a.batch_size, "seconds": seconds, "startup": startup}
+
+
+def child_decode(a: argparse.Namespace) -> dict:
+    import torch
+
+    from mlcls.bundle import load_bundle
+    from mlcls.engine import resolve_device
+    from mlcls.gpu_decode import GpuJpegDecoder
+    from mlcls.loader import Loader
+    from mlcls.sources import iter_source
+
+    bundle = load_bundle(a.bundle)
+    device = resolve_device(a.device)
+    records = list(iter_source(a.corpus))
+    decoder = GpuJpegDecoder(bundle.preprocess, device) if a.gpu_decode else None
+    loader = Loader(bundle.preprocess, decode_workers=a.workers, io_workers=8, draft=a.draft, gpu_decoder=decoder,
+                    pin_memory=device.type == "cuda")
+    clock = FirstBatchClock()
+    errors = 0
+    for batch in loader.batches(records, a.batch_size):
+        order, _ = loader.device_pixels(batch, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        errors += len(batch.records) - len(order)
+        clock.tick(len(batch.records))
+    images, seconds = clock.rate()
+    return {"images": images, "seconds": seconds, "errors": errors}
+
+
+def child_mlcls(a: argparse.Namespace) -> dict:
+    from mlcls import pipeline, progress
+    from mlcls.engine import get_engine
+
+    options = pipeline.TagOptions(batch_size=a.batch_size, device=a.device, shard_size=a.shard_size,
+                                  workers=a.workers, **json.loads(a.options))
+    t = time.perf_counter()
+    bundle = pipeline.open_run(a.out, a.bundle, options)
+    get_engine(bundle, options.device, precision=options.precision, compile=options.compile)
+    clock = FirstBatchClock()
+    unsubscribe = progress.subscribe(lambda e: clock.tick(e.count) if e.kind == "images" else None)
+    summary = pipeline.tag(a.corpus, a.out, a.bundle, options)
+    unsubscribe()
+    images, seconds = clock.rate()
+    return {"images": images, "seconds": seconds, "startup": time.perf_counter() - t - seconds,
+            "errors": summary.errors, "total": summary.images}
+
+
+def child_baseline(a: argparse.Namespace) -> dict:
+    """What a user writes without mlcls: Dataset, DataLoader, eager model, pyarrow rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+    from PIL import Image
+    from torch.utils.data import DataLoader, Dataset
+    from torchvision import transforms as T
+
+    from mlcls.bundle import load_bundle
+    from mlcls.sources import iter_source
+
+    bundle = load_bundle(a.bundle)
+    pre = bundle.preprocess
+    tf = T.Compose([T.Resize(pre.resize_size), T.CenterCrop(pre.size), T.ToTensor(), T.Normalize(pre.mean, pre.std)])
+    paths = [r.uri for r in iter_source(a.corpus)]
+
+    class Folder(Dataset):
+        def __len__(self) -> int:
+            return len(paths)
+
+        def __getitem__(self, i: int):
+            return tf(Image.open(paths[i]).convert("RGB")), i
+
+    device = torch.device(a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = bundle.build_model().to(device).eval()
+    loader = DataLoader(Folder(), batch_size=a.batch_size, num_workers=a.workers, pin_memory=device.type == "cuda")
+    clock = FirstBatchClock()
+    uris, probs = [], []
+    with torch.no_grad():
+        for x, idx in loader:
+            p = torch.sigmoid(model(x.to(device))).cpu()
+            uris += [paths[i] for i in idx.tolist()]
+            probs += p.tolist()
+            clock.tick(len(idx))
+    images, seconds = clock.rate()
+    pq.write_table(pa.table({"uri": uris, "probs": probs}), os.path.join(a.out, "baseline.parquet"))
+    return {"images": images, "seconds": seconds}
+
+
+CHILDREN = {"model": child_model, "decode": child_decode, "mlcls": child_mlcls, "baseline": child_baseline}
+
+
+def run_child(mode: str, **kw) -> dict:
+    args = [sys.executable, os.path.abspath(__file__), "--child", mode]
+    for k, v in kw.items():
+        if isinstance(v, bool):
+            if v:
+                args.append(f"--{k.replace('_', '-')}")
+        elif v is not None:
+            args += [f"--{k.replace('_', '-')}", str(v)]
+    proc = subprocess.run(args, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:], file=sys.stderr, flush=True)
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["rate"] = result["images"] / result["seconds"] if result.get("seconds") else 0.0
+    print(f"  {mode}: {result['rate']:.1f} images/s ({json.dumps(result)})", flush=True)
+    return result
+
+
+# ---------------------------------------------------------------- driver
+
+
+def compare_probs(out_dir: str, baseline_dir: str, classes: int) -> float:
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    ours = pq.read_table(out_dir).to_pydict()
+    theirs = pq.read_table(os.path.join(baseline_dir, "baseline.parquet")).to_pydict()
+    base = dict(zip(theirs["uri"], theirs["probs"], strict=True))
+    diffs = [np.abs(np.array(list(p.values())) - np.array(base[u])).max()
+             for u, p, e in zip(ours["uri"], ours["probs"], ours["error"], strict=True) if e is None and u in base]
+    return float(max(diffs)) if diffs else float("nan")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="resnet50")
+    p.add_argument("--images", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, default=None, help="decode workers (mlcls) and DataLoader workers")
+    p.add_argument("--variants", nargs="*", default=["fp32", "draft"], choices=list(VARIANTS))
+    p.add_argument("--skip", nargs="*", default=[], choices=["model", "decode", "baseline", "mlcls"])
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+    # child-only
+    p.add_argument("--child", choices=list(CHILDREN))
+    p.add_argument("--bundle")
+    p.add_argument("--corpus")
+    p.add_argument("--out")
+    p.add_argument("--options", default="{}")
+    p.add_argument("--precision", default="fp32")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--nchw", action="store_true")
+    p.add_argument("--draft", action="store_true")
+    p.add_argument("--gpu-decode", action="store_true")
+    p.add_argument("--results", default=os.path.join(ROOT, "bench", "RESULTS.md"), help="where to append the table")
+    p.add_argument("--shard-size", type=int, default=100_000)
+    a = p.parse_args()
+    if a.child:
+        result = CHILDREN[a.child](a)
+        result["peak_rss_mb"] = peak_rss_mb()
+        print(json.dumps(result))
+        return
+    drive(a)
+
+
+def drive(a: argparse.Namespace) -> None:
+    import shutil
+
+    from corpus import build_corpus
+
+    info = machine()
+    workers = a.workers or max(1, (os.cpu_count() or 2) // 2)
+    corpus = os.path.join(OUT, f"corpus-{a.images}")
+    t = time.perf_counter()
+    build_corpus(corpus, a.images)
+    print(f"corpus: {a.images} images in {corpus} ({time.perf_counter() - t:.0f} s)", flush=True)
+    bundle = bench_bundle(a.arch)
+    rows: list[tuple[str, dict]] = []
+    common = {"bundle": bundle, "batch_size": a.batch_size, "device": a.device}
+    if "model" not in a.skip:
+        rows.append(("model only, eager NCHW fp32", run_child("model", **common, iters=a.iters, nchw=True)))
+        rows.append(("model only, channels_last fp32", run_child("model", **common, iters=a.iters)))
+        if "compile" in a.variants:
+            rows.append(("model only, compile fp32", run_child("model", **common, iters=a.iters, compile=True)))
+        if "bf16" in a.variants or "gpu-decode" in a.variants:
+            rows.append(("model only, bf16 channels_last", run_child("model", **common, iters=a.iters,
+                                                                     precision="bf16")))
+    if "decode" not in a.skip:
+        for draft in (False, True):
+            rows.append((f"decode+preprocess, {workers} threads, draft {'on' if draft else 'off'}",
+                         run_child("decode", bundle=bundle, corpus=corpus, batch_size=a.batch_size,
+                                   workers=workers, draft=draft, device=a.device)))
+        if "gpu-decode" in a.variants:
+            rows.append((f"decode+preprocess on the GPU (nvJPEG), {workers} threads for the rest",
+                         run_child("decode", bundle=bundle, corpus=corpus, batch_size=a.batch_size,
+                                   workers=workers, draft=True, device=a.device, gpu_decode=True)))
+    base_dir = os.path.join(OUT, "run-baseline")
+    if "baseline" not in a.skip:
+        shutil.rmtree(base_dir, ignore_errors=True)
+        os.makedirs(base_dir)
+        rows.append((f"baseline (DataLoader, {os.cpu_count()} workers)",
+                     run_child("baseline", **common, corpus=corpus, out=base_dir, workers=os.cpu_count())))
+    agreement = {}
+    if "mlcls" not in a.skip:
+        for name in a.variants:
+            out = os.path.join(OUT, f"run-{name}")
+            shutil.rmtree(out, ignore_errors=True)
+            r = run_child("mlcls", **common, corpus=corpus, out=out, workers=a.workers,
+                          options=json.dumps(VARIANTS[name]))
+            rows.append((f"mlcls end to end, {name}", r))
+            if name == "fp32" and "baseline" not in a.skip and "error" not in r:
+                agreement["max |p - baseline| (fp32, no draft)"] = compare_probs(out, base_dir, 80)
+    report(a, info, rows, agreement)
+
+
+def report(a: argparse.Namespace, info: dict, rows: list[tuple[str, dict]], extra: dict) -> None:
+    rate = {name: r.get("rate", 0.0) for name, r in rows}
+    base = next((v for k, v in rate.items() if k.startswith("baseline")), 0.0)
+    model = next((v for k, v in rate.items() if k.startswith("model only, channels_last")), 0.0)
+    lines = ["| measurement | images/s | × baseline | × model-only (channels_last) | start-up s | peak RSS MB |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, r in rows:
+        if "error" in r:
+            lines.append(f"| {name} | failed: {r['error'][:80]} | | | | |")
+            continue
+        x_base = f"{r['rate'] / base:.2f}" if base else ""
+        x_model = f"{r['rate'] / model:.2f}" if model else ""
+        startup = f"{r['startup']:.1f}" if "startup" in r else ""
+        lines.append(f"| {name} | {r['rate']:.1f} | {x_base} | {x_model} | {startup} | {r['peak_rss_mb']:.0f} |")
+    for k, v in extra.items():
+        lines.append(f"\n{k}: {v:.2e}")
+    cmd = "python bench/throughput.py " + " ".join(sys.argv[1:])
+    header = (f"\n### {a.arch}, {a.images} images, batch {a.batch_size}, device {a.device} "
+              f"({datetime.now(UTC):%Y-%m-%d})\n\n`{cmd}`\n\nMachine: {info['cpu']}, {info['cores']} cores, "
+              f"GPU {info['gpu']}, torch {info['torch']} ({info['threads']} threads)\n\n")
+    text = header + "\n".join(lines) + "\n"
+    print(text, flush=True)
+    if not a.no_record:
+        with open(a.results, "a") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()

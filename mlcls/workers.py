@@ -1,0 +1,72 @@
+"""What a decode worker runs: read files and decode them, in a thread or a process.
+
+Imports neither torch nor Prefect, so worker processes start in a fraction
+of a second and each costs tens of megabytes, not hundreds. Every failure
+becomes the image's `error`, never an exception.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+
+from .images import DEFAULT_MAX_PIXELS, Decoded, Preprocess, plain_jpeg_size, prepare
+from .storage import describe_os_error
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """How to turn a file into a `Decoded`; small, so it travels with every task."""
+
+    preprocess: Preprocess
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    draft: bool = True
+    gpu_jpeg: bool = False  # leave plain JPEGs as bytes, for the GPU to decode
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+
+def read_error(err: BaseException) -> Decoded:
+    if isinstance(err, FileNotFoundError):
+        return Decoded(pixels=None, error="read: file not found (deleted after listing?)")
+    return Decoded(pixels=None, error=f"read: {describe_os_error(err)}")
+
+
+def read_one(uri: str, storage_options: dict[str, Any]) -> bytes:
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+    return fs.cat_file(path)
+
+
+def read_many(uris: Sequence[str], storage_options: dict[str, Any]) -> list[bytes | BaseException]:
+    """The files' bytes, or the error each read raised; concurrent on async stores such as S3."""
+    fs, _ = fsspec.core.url_to_fs(uris[0], **storage_options)
+    paths = [fsspec.core.url_to_fs(u, **storage_options)[1] for u in uris]
+    if getattr(fs, "async_impl", False) and all("://" in u for u in uris):
+        got = fs.cat(paths, on_error="return")
+        return [got.get(p, FileNotFoundError(p)) for p in paths]
+    out: list[bytes | BaseException] = []
+    for uri in uris:
+        try:
+            out.append(read_one(uri, storage_options))
+        except Exception as err:  # noqa: BLE001 - a read failure is that file's error
+            out.append(err)
+    return out
+
+
+def decode_one(data: bytes, cfg: LoadConfig) -> Decoded:
+    """Pixels on the CPU, or (with `gpu_jpeg`) the bytes of a plain JPEG for the GPU."""
+    if cfg.gpu_jpeg:
+        size = plain_jpeg_size(data, cfg.max_pixels)
+        if size is not None:
+            return Decoded(pixels=None, width=size[0], height=size[1], jpeg=data)
+    return prepare(data, cfg.preprocess, max_pixels=cfg.max_pixels, draft=cfg.draft)
+
+
+def load_chunk(uris: Sequence[str], cfg: LoadConfig) -> list[Decoded]:
+    """Read then decode a few files: the unit of work of a decode process."""
+    results = []
+    for item in read_many(uris, cfg.storage_options):
+        results.append(read_error(item) if isinstance(item, BaseException) else decode_one(item, cfg))
+    return results

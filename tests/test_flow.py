@@ -1,0 +1,81 @@
+"""The tag-images flow through a real Prefect API (temporary server and database)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import polars as pl
+import pytest
+from conftest import write_images
+
+from mlcls.output import list_parts
+
+pytestmark = pytest.mark.slow
+
+
+def _artifact(key: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async def read():
+        async with get_client() as client:
+            found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+            return found
+
+    return asyncio.run(read())
+
+
+def test_flow_tags_in_shards_and_reports(tmp_path, tiny_bundle, prefect_api):
+    from flows.tag import SUMMARY_ARTIFACT, tag_images
+
+    write_images(tmp_path / "src", 14)
+    (tmp_path / "src" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    result = tag_images(source=str(tmp_path / "src"), out=str(tmp_path / "out"), model=tiny_bundle,
+                        batch_size=4, shard_size=5)
+    assert (result["images"], result["tagged"], result["errors"], result["shards"]) == (15, 14, 1, 3)
+    assert len(list_parts(str(tmp_path / "out"))) == 3
+    df = pl.read_parquet(f"{tmp_path}/out/*.parquet")
+    assert df.height == 15 and df["run_id"].n_unique() == 1
+    assert df.filter(pl.col("error").is_not_null())["uri"].to_list()[0].endswith("broken.jpg")
+    artifacts = _artifact(SUMMARY_ARTIFACT)
+    assert artifacts, "the summary table artifact was not created"
+    assert '"images"' in str(artifacts[0].data) or "images" in str(artifacts[0].data)
+
+    again = tag_images(source=str(tmp_path / "src"), out=str(tmp_path / "out"), model=tiny_bundle, shard_size=5)
+    assert (again["new"], again["already_done"]) == (0, 15)
+
+
+def test_flow_fails_fast_on_bad_input(tmp_path, tiny_bundle, prefect_api):
+    from flows.tag import tag_images
+    from mlcls.errors import BundleError, SourceError
+
+    write_images(tmp_path / "src", 2)
+    with pytest.raises(SourceError, match="source not found"):
+        tag_images(source=str(tmp_path / "missing"), out=str(tmp_path / "out"), model=tiny_bundle)
+    with pytest.raises(BundleError, match="no bundle.json"):
+        tag_images(source=str(tmp_path / "src"), out=str(tmp_path / "out"), model=str(tmp_path))
+    assert not list_parts(str(tmp_path / "out"))
+
+
+def test_a_failing_shard_does_not_lose_the_others(tmp_path, tiny_bundle, prefect_api, monkeypatch):
+    """A shard whose part cannot be written fails after its retries; the rest land and the run says which."""
+    from flows import tag as tag_flow
+    from mlcls import pipeline
+
+    write_images(tmp_path / "src", 9)
+    real = pipeline.tag_shard
+    calls = []
+
+    def flaky(shard, **kw):
+        calls.append(shard.id)
+        if len(set(calls)) == 2:  # the second shard always fails (a full disk, say)
+            raise OSError("No space left on device")
+        return real(shard, **kw)
+
+    monkeypatch.setattr(pipeline, "tag_shard", flaky)
+    monkeypatch.setattr(tag_flow.tag_shard_task, "retry_delay_seconds", 0)
+    with pytest.raises(RuntimeError, match="1 of 3 shards failed"):
+        tag_flow.tag_images(source=str(tmp_path / "src"), out=str(tmp_path / "out"), model=tiny_bundle,
+                            shard_size=3)
+    assert calls.count(calls[1]) == 3  # tried, then retried twice
+    assert pl.read_parquet(f"{tmp_path}/out/*.parquet").height == 6

@@ -1,0 +1,82 @@
+"""The GPU decode path. Its logic (batching, fallback, crop) runs here with torchvision's CPU
+decoder standing in for nvJPEG; the CUDA test runs where there is a GPU and skips elsewhere."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from conftest import exif_rotated_jpeg, jpeg_bytes, photo
+from PIL import Image
+
+from mlcls.gpu_decode import GpuJpegDecoder
+from mlcls.images import Preprocess, plain_jpeg_size, prepare
+from mlcls.loader import Loader
+from mlcls.sources import FileRecord
+
+PRE = Preprocess(size=64, resize_size=72)
+
+
+def _files(tmp_path):
+    rng = np.random.default_rng(0)
+    files = {f"ok{i}.jpg": jpeg_bytes(photo(rng, 90 + 10 * i, 120)) for i in range(5)}
+    files["grey.jpg"] = jpeg_bytes(photo(rng, 80, 80)[..., 0])
+    files["rotated.jpg"] = exif_rotated_jpeg(photo(rng, 60, 100))
+    buf = io.BytesIO()
+    Image.fromarray(photo(rng, 70, 70)).save(buf, "PNG")
+    files["png.png"] = buf.getvalue()
+    files["corrupt.jpg"] = files["ok0.jpg"][:200] + b"\x00" * 50 + files["ok0.jpg"][250:]
+    files["truncated.jpg"] = files["ok1.jpg"][: len(files["ok1.jpg"]) // 3]
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    return files
+
+
+def test_eligibility(tmp_path):
+    files = _files(tmp_path)
+    assert plain_jpeg_size(files["ok0.jpg"], 10**8) == (120, 90)
+    assert plain_jpeg_size(files["grey.jpg"], 10**8) == (80, 80)
+    assert plain_jpeg_size(files["rotated.jpg"], 10**8) is None  # EXIF rotation: CPU path turns it upright
+    assert plain_jpeg_size(files["png.png"], 10**8) is None
+    assert plain_jpeg_size(files["ok0.jpg"], 1000) is None  # over the limit: the CPU path writes the error row
+    cmyk = io.BytesIO()
+    Image.new("CMYK", (20, 20)).save(cmyk, "JPEG")
+    assert plain_jpeg_size(cmyk.getvalue(), 10**8) is None
+    assert plain_jpeg_size(files["truncated.jpg"], 10**8) is None  # no end marker: PIL reports it
+
+
+def _run(tmp_path, device: torch.device, processes: bool = False):
+    files = _files(tmp_path)
+    loader = Loader(PRE, decode_workers=2, gpu_decoder=GpuJpegDecoder(PRE, device), processes=processes)
+    records = [FileRecord(uri=str(tmp_path / name)) for name in files]
+    (batch,) = list(loader.batches(records, batch_size=len(records)))
+    order, pixels = loader.device_pixels(batch, device)
+    return files, records, batch, order, pixels
+
+
+def _check(files, records, batch, order, pixels):
+    names = [r.uri.rsplit("/", 1)[1] for r in batch.records]
+    errors = {n: d.error for n, d in zip(names, batch.decoded, strict=True) if d.error}
+    assert set(errors) <= {"corrupt.jpg", "truncated.jpg"} and "truncated.jpg" in errors
+    assert all(e.startswith("decode: ") for e in errors.values())
+    assert sorted(names[i] for i in order) == sorted(set(names) - set(errors))
+    assert pixels.shape == (len(order), 64, 64, 3) and pixels.dtype == torch.uint8
+    assert all(d.jpeg is None for d in batch.decoded)  # bytes released once decoded
+    for k, i in enumerate(order):  # close to the PIL path, pixel for pixel
+        reference = prepare(files[names[i]], PRE, draft=False).pixels.astype(int)
+        assert np.abs(pixels[k].cpu().numpy().astype(int) - reference).mean() < 4.0, names[i]
+
+
+@pytest.mark.parametrize("processes", [False, True])
+def test_gpu_path_logic_with_the_cpu_decoder(tmp_path, processes):
+    _check(*_run(tmp_path, torch.device("cpu"), processes))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_path_on_cuda(tmp_path):
+    files, records, batch, order, pixels = _run(tmp_path, torch.device("cuda"))
+    assert pixels.device.type == "cuda"
+    _check(files, records, batch, order, pixels)
