@@ -33,6 +33,7 @@ VARIANTS = {  # name: TagOptions overrides
     "compile": {"draft": True, "precision": "fp32", "compile": True},
     "bf16": {"draft": True, "precision": "bf16"},
     "gpu-decode": {"draft": True, "precision": "auto", "gpu_decode": True},
+    "gpu-decode-fp32": {"draft": True, "precision": "fp32", "gpu_decode": True},
     "cpu-decode": {"draft": True, "precision": "auto", "gpu_decode": False},
     "auto": {},
 }
@@ -105,7 +106,7 @@ def child_model(a: argparse.Namespace) -> dict:
     bundle = load_bundle(a.bundle)
     t = time.perf_counter()
     engine = Engine(bundle, resolve_device(a.device), precision=a.precision, compile=a.compile,
-                    channels_last=not a.nchw)
+                    channels_last=not a.nchw, batch_size=a.batch_size)
     size = bundle.preprocess.size
     x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (a.batch_size, size, size, 3), dtype=np.uint8))
     if engine.device.type == "cuda":
@@ -205,7 +206,44 @@ def child_baseline(a: argparse.Namespace) -> dict:
     return {"images": images, "seconds": seconds}
 
 
-CHILDREN = {"model": child_model, "decode": child_decode, "mlcls": child_mlcls, "baseline": child_baseline}
+def child_nvjpeg(a: argparse.Namespace) -> dict:
+    """Where GPU decoding spends its time: nvJPEG itself, then resize and crop."""
+    import glob
+
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from mlcls.bundle import load_bundle
+    from mlcls.gpu_decode import GpuJpegDecoder
+
+    device = torch.device("cuda")
+    decoder = GpuJpegDecoder(load_bundle(a.bundle).preprocess, device)
+    paths = sorted(glob.glob(os.path.join(a.corpus, "*.jpg")))[:2048]
+    tensors = []
+    for path in paths:
+        with open(path, "rb") as f:
+            tensors.append(torch.frombuffer(bytearray(f.read()), dtype=torch.uint8))
+    bs = a.batch_size
+    decode_jpeg(tensors[:bs], mode=ImageReadMode.RGB, device=device)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    decoded = []
+    for i in range(0, len(tensors), bs):
+        decoded.append(decode_jpeg(tensors[i:i + bs], mode=ImageReadMode.RGB, device=device))
+    torch.cuda.synchronize()
+    t_decode = time.perf_counter() - t
+    megapixels = sum(img.shape[1] * img.shape[2] for batch in decoded for img in batch) / 1e6
+    t = time.perf_counter()
+    for batch in decoded:
+        torch.stack([decoder.resize_crop(img) for img in batch])
+    torch.cuda.synchronize()
+    t_resize = time.perf_counter() - t
+    return {"images": len(tensors), "seconds": t_decode + t_resize, "decode_s": t_decode, "resize_s": t_resize,
+            "megapixels": megapixels}
+
+
+CHILDREN = {"nvjpeg": child_nvjpeg, "model": child_model, "decode": child_decode, "mlcls": child_mlcls,
+            "baseline": child_baseline}
 
 
 def run_child(mode: str, **kw) -> dict:
@@ -292,17 +330,22 @@ def drive(a: argparse.Namespace) -> None:
         rows.append(("model only, eager NCHW fp32", run_child("model", **common, iters=a.iters, nchw=True)))
         rows.append(("model only, channels_last fp32", run_child("model", **common, iters=a.iters)))
         if "compile" in a.variants:
-            rows.append(("model only, compile fp32", run_child("model", **common, iters=a.iters, compile=True)))
+            precision = "bf16" if a.device == "cuda" else "fp32"
+            rows.append((f"model only, compile {precision}", run_child("model", **common, iters=a.iters, compile=True,
+                                                                      precision=precision)))
         if "bf16" in a.variants or "gpu-decode" in a.variants:
             rows.append(("model only, bf16 channels_last", run_child("model", **common, iters=a.iters,
                                                                      precision="bf16")))
     if "decode" not in a.skip:
         for draft in (False, True):
-            rows.append((f"decode+preprocess, {workers} threads, draft {'on' if draft else 'off'}",
+            kind = "processes" if workers >= 4 else "threads"
+            rows.append((f"decode+preprocess, {workers} {kind}, draft {'on' if draft else 'off'}",
                          run_child("decode", bundle=bundle, corpus=corpus, batch_size=a.batch_size,
                                    workers=workers, draft=draft, device=a.device)))
         if "gpu-decode" in a.variants:
-            rows.append((f"decode+preprocess on the GPU (nvJPEG), {workers} threads for the rest",
+            rows.append(("nvJPEG decode + GPU resize only (2048 JPEGs in memory)",
+                         run_child("nvjpeg", bundle=bundle, corpus=corpus, batch_size=a.batch_size)))
+            rows.append((f"decode+preprocess on the GPU (nvJPEG), {workers} workers for the rest",
                          run_child("decode", bundle=bundle, corpus=corpus, batch_size=a.batch_size,
                                    workers=workers, draft=True, device=a.device, gpu_decode=True)))
     base_dir = os.path.join(OUT, "run-baseline")
