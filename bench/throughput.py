@@ -32,9 +32,11 @@ VARIANTS = {  # name: TagOptions overrides
     "draft": {"draft": True, "precision": "fp32"},
     "compile": {"draft": True, "precision": "fp32", "compile": True},
     "bf16": {"draft": True, "precision": "bf16"},
-    "gpu-decode": {"draft": True, "precision": "auto", "gpu_decode": True},
-    "gpu-decode-fp32": {"draft": True, "precision": "fp32", "gpu_decode": True},
-    "cpu-decode": {"draft": True, "precision": "auto", "gpu_decode": False},
+    "gpu-decode": {"draft": True, "precision": "auto", "gpu_decode": 1.0},
+    "gpu-decode-fp32": {"draft": True, "precision": "fp32", "gpu_decode": 1.0},
+    "cpu-decode": {"draft": True, "precision": "auto", "gpu_decode": 0.0},
+    "hybrid-0.3": {"draft": True, "precision": "auto", "gpu_decode": 0.3},
+    "hybrid-0.5": {"draft": True, "precision": "auto", "gpu_decode": 0.5},
     "auto": {},
 }
 

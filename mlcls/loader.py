@@ -8,8 +8,11 @@ Two ways to run the workers, chosen by how many there are:
   start-up cost; reads may run many at a time, decodes are capped;
 - processes, for many workers (a GPU box with 16 cores): Python's share of
   each decode holds the GIL, so threads stop scaling at a few hundred images
-  a second (measured in bench/RESULTS.md); processes (forkserver, importing
-  no torch) each read and decode chunks of files and send back pixels.
+  a second (measured in bench/RESULTS.md); processes each read and decode
+  chunks of files and send back pixels. They are forked, as torch's
+  DataLoader does on Linux: a forkserver or spawned worker re-runs the
+  caller's main module and starts in seconds, not milliseconds. The pool is
+  started with the Loader, so its start-up is not paid inside a shard.
 
 Either way the pool lives for the process, not for one shard, and at most
 `prefetch` batches are in flight.
@@ -64,10 +67,11 @@ class Loader:
 
     def __init__(self, preprocess: Preprocess, *, decode_workers: int = 1, io_workers: int = 8,
                  max_pixels: int | None = None, draft: bool = True, storage_options: StorageOptions = None,
-                 pin_memory: bool = False, gpu_decoder: GpuJpegDecoder | None = None,
+                 pin_memory: bool = False, gpu_decoder: GpuJpegDecoder | None = None, gpu_share: float = 1.0,
                  processes: bool | None = None) -> None:
         self.preprocess = preprocess
-        self.config = LoadConfig(preprocess=preprocess, draft=draft, gpu_jpeg=gpu_decoder is not None,
+        self.config = LoadConfig(preprocess=preprocess, draft=draft,
+                                 gpu_share=gpu_share if gpu_decoder is not None else 0.0,
                                  storage_options=dict(storage_options or {}),
                                  **({"max_pixels": max_pixels} if max_pixels else {}))
         self.gpu_decoder = gpu_decoder
@@ -78,6 +82,8 @@ class Loader:
         self._pool: Executor
         if self.processes:
             self._pool = ProcessPoolExecutor(max_workers=decode_workers, mp_context=_context())
+            for f in [self._pool.submit(_ready) for _ in range(decode_workers)]:
+                f.result()
         else:
             self._pool = ThreadPoolExecutor(max_workers=io_workers + decode_workers, thread_name_prefix="mlcls-load")
 
@@ -88,7 +94,7 @@ class Loader:
         except Exception as err:  # noqa: BLE001 - any filesystem error is this file's error
             return read_error(err)
         with self._decode_slots:
-            return decode_one(data, self.config)
+            return decode_one(data, self.config, record.uri)
 
     def decoded(self, records: Iterable[FileRecord], window: int) -> Iterator[tuple[FileRecord, Decoded]]:
         """Yield (record, decoded) in input order, keeping about `window` files in flight."""
@@ -136,7 +142,7 @@ class Loader:
         if batch.gpu:
             assert self.gpu_decoder is not None
             images = self.gpu_decoder.decode([batch.decoded[i].jpeg for i in batch.gpu])
-            cpu_config = replace(self.config, gpu_jpeg=False)
+            cpu_config = replace(self.config, gpu_share=0.0)
             for i, img in zip(batch.gpu, images, strict=True):
                 if img is None:
                     batch.decoded[i] = decode_one(batch.decoded[i].jpeg, cpu_config)
@@ -156,12 +162,13 @@ class Loader:
 
 
 def _context() -> multiprocessing.context.BaseContext:
-    """forkserver: workers fork from a clean server that has imported only `mlcls.workers`."""
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["mlcls.workers"])
-        return ctx
-    return multiprocessing.get_context("spawn")
+    """fork where there is one (Linux): workers run only PIL, numpy and fsspec code."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods and os.name == "posix" else "spawn")
+
+
+def _ready() -> bool:
+    return True
 
 
 def _chunked(records: Iterable[FileRecord], size: int) -> Iterator[list[FileRecord]]:

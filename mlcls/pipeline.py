@@ -50,7 +50,7 @@ class TagOptions:
     probs: str = "all"
     precision: str = "auto"
     compile: bool = False
-    gpu_decode: bool = True
+    gpu_decode: float = 1.0
 
     def validate(self) -> TagOptions:
         """Raise `OptionError` for a value that cannot work; return self."""
@@ -62,6 +62,8 @@ class TagOptions:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise OptionError(f"--{name.replace('_', '-')} must be a positive integer, not {value!r}")
+        if not isinstance(self.gpu_decode, (int, float)) or not 0.0 <= self.gpu_decode <= 1.0:
+            raise OptionError(f"--gpu-decode must be a share between 0 and 1, not {self.gpu_decode!r}")
         if self.precision not in PRECISIONS:
             raise OptionError(f"--precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
         ProbsMode.parse(self.probs)
@@ -162,8 +164,9 @@ def get_loader(bundle: Bundle, options: TagOptions, engine: Engine, *, remote: b
     device_type = engine.device.type
     workers = options.workers or default_decode_workers(device_type)
     io_workers = options.io_workers or (32 if remote else 8)
-    gpu = device_type == "cuda" and options.gpu_decode
-    key = (bundle.preprocess, workers, io_workers, options.max_pixels, options.draft, str(engine.device), gpu,
+    gpu = device_type == "cuda" and options.gpu_decode > 0
+    key = (bundle.preprocess, workers, io_workers, options.max_pixels, options.draft, str(engine.device),
+           options.gpu_decode if gpu else 0.0,
            json.dumps(storage_options or {}, sort_keys=True, default=str))
     with _CACHE_LOCK:
         loader = _LOADERS.get(key)
@@ -171,7 +174,8 @@ def get_loader(bundle: Bundle, options: TagOptions, engine: Engine, *, remote: b
             loader = _LOADERS[key] = Loader(
                 bundle.preprocess, decode_workers=workers, io_workers=io_workers, max_pixels=options.max_pixels,
                 draft=options.draft, storage_options=storage_options, pin_memory=device_type == "cuda",
-                gpu_decoder=GpuJpegDecoder(bundle.preprocess, engine.device) if gpu else None)
+                gpu_decoder=GpuJpegDecoder(bundle.preprocess, engine.device) if gpu else None,
+                gpu_share=options.gpu_decode)
         return loader
 
 

@@ -7,6 +7,7 @@ becomes the image's `error`, never an exception.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +25,7 @@ class LoadConfig:
     preprocess: Preprocess
     max_pixels: int = DEFAULT_MAX_PIXELS
     draft: bool = True
-    gpu_jpeg: bool = False  # leave plain JPEGs as bytes, for the GPU to decode
+    gpu_share: float = 0.0  # share of plain JPEGs left as bytes for the GPU to decode (0: none, 1: all)
     storage_options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -55,9 +56,13 @@ def read_many(uris: Sequence[str], storage_options: dict[str, Any]) -> list[byte
     return out
 
 
-def decode_one(data: bytes, cfg: LoadConfig) -> Decoded:
-    """Pixels on the CPU, or (with `gpu_jpeg`) the bytes of a plain JPEG for the GPU."""
-    if cfg.gpu_jpeg:
+def decode_one(data: bytes, cfg: LoadConfig, key: str = "") -> Decoded:
+    """Pixels on the CPU, or the bytes of a plain JPEG for the GPU (`gpu_share` of them, picked by `key`).
+
+    Splitting the work lets CPU workers and the GPU's decoder run side by
+    side; the pick is a hash of the URI, so it is the same on every run.
+    """
+    if cfg.gpu_share > 0 and (cfg.gpu_share >= 1 or zlib.crc32(key.encode()) < cfg.gpu_share * 2**32):
         size = plain_jpeg_size(data, cfg.max_pixels)
         if size is not None:
             return Decoded(pixels=None, width=size[0], height=size[1], jpeg=data)
@@ -67,6 +72,6 @@ def decode_one(data: bytes, cfg: LoadConfig) -> Decoded:
 def load_chunk(uris: Sequence[str], cfg: LoadConfig) -> list[Decoded]:
     """Read then decode a few files: the unit of work of a decode process."""
     results = []
-    for item in read_many(uris, cfg.storage_options):
-        results.append(read_error(item) if isinstance(item, BaseException) else decode_one(item, cfg))
+    for uri, item in zip(uris, read_many(uris, cfg.storage_options), strict=True):
+        results.append(read_error(item) if isinstance(item, BaseException) else decode_one(item, cfg, uri))
     return results
