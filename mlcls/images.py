@@ -126,6 +126,7 @@ class Decoded:
     height: int | None = None
     error: str | None = None
     jpeg: bytes | None = None
+    slot: int | None = None  # where a decode process left the pixels (see loader.py)
 
 
 def open_rgb(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,

@@ -20,6 +20,7 @@ Either way the pool lives for the process, not for one shard, and at most
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import threading
@@ -36,7 +37,7 @@ from .gpu_decode import GpuJpegDecoder
 from .images import Decoded, Preprocess
 from .sources import FileRecord
 from .storage import StorageOptions
-from .workers import LoadConfig, decode_one, load_chunk, read_error, read_one
+from .workers import LoadConfig, decode_one, load_chunk, new_ring, read_error, read_one
 
 PROCESS_THRESHOLD = 4  # this many decode workers or more run as processes
 
@@ -68,7 +69,7 @@ class Loader:
     def __init__(self, preprocess: Preprocess, *, decode_workers: int = 1, io_workers: int = 8,
                  max_pixels: int | None = None, draft: bool = True, storage_options: StorageOptions = None,
                  pin_memory: bool = False, gpu_decoder: GpuJpegDecoder | None = None, gpu_share: float = 1.0,
-                 processes: bool | None = None) -> None:
+                 processes: bool | None = None, ring_images: int = 1024) -> None:
         self.preprocess = preprocess
         self.config = LoadConfig(preprocess=preprocess, draft=draft,
                                  gpu_share=gpu_share if gpu_decoder is not None else 0.0,
@@ -81,6 +82,7 @@ class Loader:
         self._decode_slots = threading.Semaphore(decode_workers)
         self._pool: Executor
         if self.processes:
+            self._ring_id, self._ring = new_ring(ring_images, preprocess.size)
             self._pool = ProcessPoolExecutor(max_workers=decode_workers, mp_context=_context())
             for f in [self._pool.submit(_ready) for _ in range(decode_workers)]:
                 f.result()
@@ -96,13 +98,25 @@ class Loader:
         with self._decode_slots:
             return decode_one(data, self.config, record.uri)
 
-    def decoded(self, records: Iterable[FileRecord], window: int) -> Iterator[tuple[FileRecord, Decoded]]:
-        """Yield (record, decoded) in input order, keeping about `window` files in flight."""
+    def decoded(self, records: Iterable[FileRecord], window: int,
+                held: int = 0) -> Iterator[tuple[FileRecord, Decoded]]:
+        """Yield (record, decoded) in input order, keeping about `window` files in flight.
+
+        In process mode a decoded image's pixels are a view of a ring slot,
+        valid until `window + held` more images have been yielded: the caller
+        holds at most `held` of them before copying (as `batches` does).
+        """
         if self.processes:
+            window = max(1, min(window, len(self._ring) - held))
             chunk = max(1, min(16, window // (4 * self.decode_workers) or 1))
-            tasks = ((batch, self._pool.submit(load_chunk, [r.uri for r in batch], self.config))
+            starts = itertools.count(0, chunk)
+            tasks = ((batch, self._pool.submit(load_chunk, [r.uri for r in batch], self.config, self._ring_id,
+                                               next(starts) % len(self._ring)))
                      for batch in _chunked(records, chunk))
             for batch, decoded in _in_order(tasks, max(1, window // chunk)):
+                for d in decoded:
+                    if d.slot is not None:
+                        d.pixels = self._ring[d.slot]
                 yield from zip(batch, decoded, strict=True)
         else:
             tasks = ((r, self._pool.submit(self.load, r)) for r in records)
@@ -111,7 +125,7 @@ class Loader:
     def batches(self, records: Iterable[FileRecord], batch_size: int, prefetch: int = 3) -> Iterator[Batch]:
         """Batches of `batch_size` records; decoding runs `prefetch` batches ahead."""
         chunk: list[tuple[FileRecord, Decoded]] = []
-        for item in self.decoded(records, window=batch_size * prefetch):
+        for item in self.decoded(records, window=batch_size * prefetch, held=batch_size):
             chunk.append(item)
             if len(chunk) == batch_size:
                 yield self._collate(chunk)
@@ -127,6 +141,8 @@ class Loader:
             pixels = torch.from_numpy(np.stack([chunk[i][1].pixels for i in ok]))
         else:
             pixels = torch.empty((0, size, size, 3), dtype=torch.uint8)
+        for _, d in chunk:  # the batch owns the pixels now; ring slots get reused, memory stays bounded
+            d.pixels, d.slot = None, None
         if self.pin_memory:
             pixels = pixels.pin_memory()
         return Batch(records=[r for r, _ in chunk], decoded=[d for _, d in chunk], ok=ok, pixels=pixels, gpu=gpu)
@@ -149,6 +165,7 @@ class Loader:
                     if batch.decoded[i].pixels is None:
                         continue
                     img = torch.from_numpy(np.ascontiguousarray(batch.decoded[i].pixels)).to(device)
+                    batch.decoded[i].pixels = None
                 batch.decoded[i].jpeg = None
                 parts.append(img[None])
                 order.append(i)

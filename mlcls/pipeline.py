@@ -165,8 +165,8 @@ def get_loader(bundle: Bundle, options: TagOptions, engine: Engine, *, remote: b
     workers = options.workers or default_decode_workers(device_type)
     io_workers = options.io_workers or (32 if remote else 8)
     gpu = device_type == "cuda" and options.gpu_decode > 0
-    key = (bundle.preprocess, workers, io_workers, options.max_pixels, options.draft, str(engine.device),
-           options.gpu_decode if gpu else 0.0,
+    key = (bundle.preprocess, options.batch_size, workers, io_workers, options.max_pixels, options.draft,
+           str(engine.device), options.gpu_decode if gpu else 0.0,
            json.dumps(storage_options or {}, sort_keys=True, default=str))
     with _CACHE_LOCK:
         loader = _LOADERS.get(key)
@@ -175,7 +175,7 @@ def get_loader(bundle: Bundle, options: TagOptions, engine: Engine, *, remote: b
                 bundle.preprocess, decode_workers=workers, io_workers=io_workers, max_pixels=options.max_pixels,
                 draft=options.draft, storage_options=storage_options, pin_memory=device_type == "cuda",
                 gpu_decoder=GpuJpegDecoder(bundle.preprocess, engine.device) if gpu else None,
-                gpu_share=options.gpu_decode)
+                gpu_share=options.gpu_decode, ring_images=max(1024, 4 * options.batch_size))
         return loader
 
 

@@ -7,12 +7,15 @@ becomes the image's `error`, never an exception.
 
 from __future__ import annotations
 
+import itertools
+import mmap
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
+import numpy as np
 
 from .images import DEFAULT_MAX_PIXELS, Decoded, Preprocess, plain_jpeg_size, prepare
 from .storage import describe_os_error
@@ -27,6 +30,23 @@ class LoadConfig:
     draft: bool = True
     gpu_share: float = 0.0  # share of plain JPEGs left as bytes for the GPU to decode (0: none, 1: all)
     storage_options: dict[str, Any] = field(default_factory=dict)
+
+
+_RINGS: dict[int, np.ndarray] = {}
+_RING_IDS = itertools.count()
+
+
+def new_ring(images: int, size: int) -> tuple[int, np.ndarray]:
+    """A shared-memory ring of `images` pixel slots, made before the decode processes fork.
+
+    Workers write pixels into their slots and send back only metadata: no
+    pixel crosses a pipe, which is what limits a process pool at a few
+    thousand images a second otherwise (bench/RESULTS.md).
+    """
+    ring_id = next(_RING_IDS)
+    buf = mmap.mmap(-1, images * size * size * 3)  # anonymous and shared: forked children see it
+    _RINGS[ring_id] = np.frombuffer(buf, dtype=np.uint8).reshape(images, size, size, 3)
+    return ring_id, _RINGS[ring_id]
 
 
 def read_error(err: BaseException) -> Decoded:
@@ -69,9 +89,18 @@ def decode_one(data: bytes, cfg: LoadConfig, key: str = "") -> Decoded:
     return prepare(data, cfg.preprocess, max_pixels=cfg.max_pixels, draft=cfg.draft)
 
 
-def load_chunk(uris: Sequence[str], cfg: LoadConfig) -> list[Decoded]:
-    """Read then decode a few files: the unit of work of a decode process."""
+def load_chunk(uris: Sequence[str], cfg: LoadConfig, ring: int | None = None, first_slot: int = 0) -> list[Decoded]:
+    """Read then decode a few files: the unit of work of a decode process.
+
+    With `ring`, file k's pixels go to slot `first_slot + k` of that ring.
+    """
     results = []
-    for uri, item in zip(uris, read_many(uris, cfg.storage_options), strict=True):
-        results.append(read_error(item) if isinstance(item, BaseException) else decode_one(item, cfg, uri))
+    for k, (uri, item) in enumerate(zip(uris, read_many(uris, cfg.storage_options), strict=True)):
+        d = read_error(item) if isinstance(item, BaseException) else decode_one(item, cfg, uri)
+        if ring is not None and d.pixels is not None:
+            slots = _RINGS[ring]
+            d.slot = (first_slot + k) % len(slots)
+            slots[d.slot] = d.pixels
+            d.pixels = None
+        results.append(d)
     return results

@@ -152,3 +152,15 @@ def test_summary_is_written_and_manifests_removed(tmp_path, tiny_bundle):
     s = pipeline.tag(str(tmp_path / "src"), str(tmp_path / "out"), tiny_bundle, OPTS)
     run = tmp_path / "out" / "_mlcls" / "runs" / s.run_id
     assert (run / "summary.json").exists() and not (run / "shards").exists()
+
+
+def test_decode_processes_give_the_same_rows_as_threads(tmp_path, tiny_bundle):
+    """Four or more workers decode in forked processes through a shared-memory ring."""
+    write_images(tmp_path / "src", 30)
+    (tmp_path / "src" / "bad.jpg").write_bytes(b"nope")
+    tag(str(tmp_path / "src"), str(tmp_path / "threads"), tiny_bundle, TagOptions(batch_size=4, workers=1))
+    tag(str(tmp_path / "src"), str(tmp_path / "procs"), tiny_bundle, TagOptions(batch_size=4, workers=4))
+    a, b = (_rows(tmp_path / d).sort("uri") for d in ("threads", "procs"))
+    assert a.height == b.height == 31
+    assert a.select("uri", "labels", "error", "width").equals(b.select("uri", "labels", "error", "width"))
+    assert a["probs"].to_list() == b["probs"].to_list()
