@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
+from .cli_train import add_commands as add_train_commands
 from .errors import MlclsError
 
 EXIT_FAILED = 1
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_tag(sub)
     _add_bundle(sub)
+    add_train_commands(sub)
     return parser
 
 

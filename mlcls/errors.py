@@ -26,3 +26,7 @@ class OutputError(MlclsError):
 
 class OptionError(MlclsError):
     """An option has a value that cannot work."""
+
+
+class LabelsError(MlclsError):
+    """A labels file is missing, malformed, or does not match its images or the model's classes."""

@@ -24,16 +24,28 @@ def average_precision(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 
 def _ap(s: np.ndarray, t: np.ndarray) -> float:
-    n_pos = t.sum()
-    if n_pos == 0:
+    if t.sum() == 0:
         return math.nan
+    precision, recall, _ = _pr_points(s, t)
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def _pr_points(s: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Precision, recall and threshold at every distinct score, highest score first (ties grouped)."""
     order = np.argsort(-s, kind="mergesort")
     s, t = s[order], t[order]
     last_of_tie = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
     tp = np.cumsum(t)[last_of_tie]
-    precision = tp / (last_of_tie + 1)
-    recall = tp / n_pos
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    return tp / (last_of_tie + 1), tp / max(float(t.sum()), 1.0), s[last_of_tie]
+
+
+def precision_recall_curve(scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One class's PR curve (precision, recall, threshold), in increasing-threshold order like scikit-learn's,
+    without its final (precision 1, recall 0) point."""
+    s = np.asarray(scores, dtype=np.float64)
+    t = (np.asarray(targets) > 0).astype(np.float64)
+    precision, recall, thresholds = _pr_points(s, t)
+    return precision[::-1], recall[::-1], thresholds[::-1]
 
 
 def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
@@ -55,25 +67,50 @@ def classification_metrics(pred: np.ndarray, targets: np.ndarray) -> dict[str, f
     """CP/CR/CF1 (per-class, then averaged), OP/OR/OF1 (over all labels), macro F1,
     Hamming loss, subset accuracy, and the false-positive rate on images with no labels."""
     pred, t = pred.astype(bool), targets.astype(bool)
+    per = per_class_metrics(pred, t)
     tp = (pred & t).sum(0).astype(float)
     fp = (pred & ~t).sum(0).astype(float)
     fn = (~pred & t).sum(0).astype(float)
-    per_p = np.divide(tp, tp + fp, out=np.zeros_like(tp), where=(tp + fp) > 0)
-    per_r = np.divide(tp, tp + fn, out=np.zeros_like(tp), where=(tp + fn) > 0)
-    per_f1 = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros_like(tp), where=(2 * tp + fp + fn) > 0)
-    cp, cr = per_p.mean(), per_r.mean()
+    cp, cr = per["precision"].mean(), per["recall"].mean()
     op = tp.sum() / max(tp.sum() + fp.sum(), 1)
     orec = tp.sum() / max(tp.sum() + fn.sum(), 1)
     empty = ~t.any(1)
     return {
         "CP": float(cp), "CR": float(cr), "CF1": _f1(cp, cr),
         "OP": float(op), "OR": float(orec), "OF1": _f1(op, orec),
-        "macro_f1": float(per_f1.mean()),
+        "macro_f1": float(per["f1"].mean()),
         "hamming_loss": float((pred != t).mean()),
         "subset_accuracy": float((pred == t).all(1).mean()),
         "empty_images": int(empty.sum()),
         "empty_fpr": float(pred[empty].any(1).mean()) if empty.any() else math.nan,
     }
+
+
+def per_class_metrics(pred: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-class precision, recall, F1 and support (0 where undefined, as scikit-learn's `zero_division=0`)."""
+    pred, t = pred.astype(bool), targets.astype(bool)
+    tp = (pred & t).sum(0).astype(float)
+    fp = (pred & ~t).sum(0).astype(float)
+    fn = (~pred & t).sum(0).astype(float)
+    return {
+        "precision": np.divide(tp, tp + fp, out=np.zeros_like(tp), where=(tp + fp) > 0),
+        "recall": np.divide(tp, tp + fn, out=np.zeros_like(tp), where=(tp + fn) > 0),
+        "f1": np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros_like(tp), where=(2 * tp + fp + fn) > 0),
+        "support": t.sum(0),
+    }
+
+
+def f1_by_global_threshold(scores: np.ndarray, targets: np.ndarray,
+                           grid: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Macro and micro F1 with one threshold for every class, over a grid of thresholds (the report's curve)."""
+    scores, targets = _check(scores, targets)
+    grid = np.linspace(0.02, 0.98, 49) if grid is None else np.asarray(grid, dtype=np.float64)
+    macro, micro = [], []
+    for th in grid:
+        m = classification_metrics(scores >= th, targets)
+        macro.append(m["macro_f1"])
+        micro.append(m["OF1"])
+    return {"threshold": grid, "macro_f1": np.array(macro), "micro_f1": np.array(micro)}
 
 
 def _f1(p: float, r: float) -> float:
@@ -132,7 +169,7 @@ def calibrate_thresholds(scores: np.ndarray, targets: np.ndarray,
     for j in np.flatnonzero(own):
         thresholds[j], _ = best_f1_threshold(scores[:, j], targets[:, j])
     info = {"method": "f1-per-class", "global_threshold": global_t, "min_positives": min_positives,
-            "fallback_classes": int((~own).sum())}
+            "fallback_classes": int((~own).sum()), "fallback": [int(j) for j in np.flatnonzero(~own)]}
     return np.clip(thresholds, 1e-4, 1.0 - 1e-4), info
 
 

@@ -9,19 +9,25 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
 class Event:
     """`kind` is `planned` (total = images to tag), `images` (count = images just done,
-    errors = of which failed), `shard_done` or `shard_failed`."""
+    errors = of which failed), `shard_done` or `shard_failed`.
+
+    Training and evaluation add `loading` (total = images to read), `loaded`
+    (count, errors), `epoch` (total = steps; values: epoch, epochs), `step`
+    (count = images; values: loss) and `validated` (values: loss, val_mAP, best).
+    """
 
     kind: str
     count: int = 0
     total: int = 0
     errors: int = 0
     shard: str = ""
+    values: dict[str, float] = field(default_factory=dict)
 
 
 Listener = Callable[[Event], None]

@@ -72,3 +72,14 @@ def describe_os_error(err: BaseException) -> str:
     """A short reason for an I/O error, without the traceback noise."""
     text = getattr(err, "strerror", None) or str(err) or type(err).__name__
     return text.splitlines()[0]
+
+
+def probe_writable(url: str, storage_options: StorageOptions = None) -> None:
+    """Write and remove a small file under `url`: raises `OSError` (or `NotADirectoryError`
+    for a file) if a job could not write its results there, before the job spends any time."""
+    fs, base = url_to_fs(url, storage_options)
+    if fs.exists(base) and fs.isfile(base):
+        raise NotADirectoryError(f"{url} is a file; give a folder")
+    probe = join(base, ".write-probe")
+    write_atomic(fs, probe, b"")
+    fs.rm_file(probe)

@@ -1,62 +1,115 @@
 """Train a multi-label classifier and write it as a bundle.
 
 Multi-label, not multi-class: one logit per class, sigmoid, binary
-cross-entropy with logits; an image with no labels is a valid example whose
-targets are all zero. Thresholds are calibrated per class on the validation
-split (`metrics.calibrate_thresholds`) and stored in the bundle with the
-validation metrics, so `mlcls tag` applies exactly what was measured.
+cross-entropy with logits (focal and asymmetric losses as options); an image
+with no labels is a valid example whose targets are all zero. Thresholds are
+calibrated per class on the validation split (`metrics.calibrate_thresholds`)
+and stored in the bundle with the validation metrics, so `mlcls tag` applies
+exactly what was measured.
 
-Images are decoded once into uint8 arrays at the bundle's resize size and
-augmented as tensors (random crop, flips), which keeps a CPU busy with the
-model instead of with JPEG decoding every epoch. Validation images go through
-the exact inference preprocessing, so validation metrics are tagging metrics.
+The shape is fastai's `fine_tune`: with pretrained weights the backbone is
+frozen for the first epoch (only the new head learns), then everything
+trains; AdamW with one one-cycle schedule; autocast on CUDA. The epoch with
+the best validation mAP is kept. After every epoch the whole run state
+(model, optimiser, schedule, random generators, best so far) is written to a
+checkpoint, so a run that dies resumes where it stopped and ends exactly as
+an uninterrupted one.
+
+Images are decoded once into uint8 arrays (`dataset.py`) and augmented as
+tensors on the device (random resized crop and flips in one batched
+resample), which keeps a CPU busy with the model instead of with JPEG
+decoding every epoch. Validation images go through the exact inference
+preprocessing, so validation metrics are tagging metrics.
 """
 
 from __future__ import annotations
 
-import copy
+import hashlib
+import io
+import json
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 
-from . import metrics
-from .bundle import Bundle, build_model, save_bundle
+from . import metrics, progress
+from .bundle import Bundle, save_bundle
+from .dataset import stored_preprocess
 from .engine import Normaliser, resolve_device
 from .errors import OptionError
 from .images import Preprocess, resize_crop
-from .storage import StorageOptions
+from .labels import multi_hot
+from .losses import LOSSES, auto_pos_weight, make_loss
+from .storage import StorageOptions, describe_os_error, url_to_fs, write_atomic
+from .weights import InitWeights, head_parameters, init_model
 
 Log = Callable[[str], None]
+__all__ = ["Augment", "TrainConfig", "TrainResult", "Trainer", "eval_pixels", "fit", "multi_hot", "train_pixels",
+           "write_bundle"]
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training hyper-parameters; defaults suit fine-tuning a small model on a CPU."""
+    """Training hyper-parameters; defaults suit fine-tuning a small pretrained model on a CPU.
+
+    `freeze_epochs=None` means one frozen-backbone epoch with pretrained
+    weights and none from random init (a random backbone has nothing to keep).
+    """
 
     arch: str = "mobilenet_v3_small"
     epochs: int = 10
-    freeze_epochs: int = 0
+    freeze_epochs: int | None = None
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 1e-4
     seed: int = 0
     device: str = "auto"
     augment: bool = True
+    crop_scale: tuple[float, float] = (0.35, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     vflip: bool = False
+    loss: str = "bce"
+    pos_weight: bool = False
+    amp: bool = True
 
     def validate(self) -> TrainConfig:
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise OptionError("epochs and batch size must be >= 1 and the learning rate > 0")
-        if not 0 <= self.freeze_epochs <= self.epochs:
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.weight_decay < 0:
+            raise OptionError("--epochs and --batch-size must be >= 1, --lr > 0 and --weight-decay >= 0")
+        if self.freeze_epochs is not None and not 0 <= self.freeze_epochs <= self.epochs:
             raise OptionError(f"--freeze-epochs must be between 0 and --epochs ({self.epochs})")
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise OptionError(f"--crop-scale must be in (0, 1], not {lo}")
+        if self.loss not in LOSSES:
+            raise OptionError(f"--loss {self.loss!r}: use one of {', '.join(LOSSES)}")
+        if self.pos_weight and self.loss != "bce":
+            raise OptionError(f"--pos-weight goes with --loss bce; {self.loss} balances classes its own way")
         return self
+
+    def frozen_epochs(self, pretrained: bool) -> int:
+        if self.freeze_epochs is not None:
+            return self.freeze_epochs
+        return 1 if pretrained and self.epochs > 1 else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> TrainConfig:
+        d = dict(d or {})
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise OptionError(f"unknown training options: {', '.join(sorted(unknown))}")
+        for key in ("crop_scale", "crop_ratio"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d).validate()
 
 
 @dataclass
@@ -73,127 +126,245 @@ class TrainResult:
     best_epoch: int = 0
 
 
-def multi_hot(label_sets: Sequence[Iterable[str]], classes: Sequence[str]) -> np.ndarray:
-    """(N, C) float32 targets; an empty label set is a row of zeros."""
-    index = {c: j for j, c in enumerate(classes)}
-    out = np.zeros((len(label_sets), len(classes)), dtype=np.float32)
-    for i, labels in enumerate(label_sets):
-        for label in labels:
-            out[i, index[label]] = 1.0
-    return out
-
-
 def train_pixels(images: Iterable[Image.Image], pre: Preprocess) -> np.ndarray:
-    """Training storage: each image resized like inference, centre-cropped to a `resize_size` square."""
-    side = pre.resize_size
-    stored = Preprocess(size=side, resize_size=side, resize_mode=pre.resize_mode,
-                        interpolation=pre.interpolation, mean=pre.mean, std=pre.std)
+    """Training storage for in-memory images: resized like inference, centre-cropped to a `resize_size` square."""
+    stored = stored_preprocess(pre)
     return np.stack([np.asarray(resize_crop(img.convert("RGB"), stored)) for img in images])
 
 
 def eval_pixels(images: Iterable[Image.Image], pre: Preprocess) -> np.ndarray:
-    """Validation storage: exactly the pixels tagging feeds the model."""
+    """Validation storage for in-memory images: exactly the pixels tagging feeds the model."""
     return np.stack([np.asarray(resize_crop(img.convert("RGB"), pre)) for img in images])
 
 
 class Augment:
-    """Random crop to `size` from the stored square, horizontal (and optionally vertical) flips."""
+    """Random resized crop and flips of a normalised (N, 3, H, W) batch, as one batched resample.
 
-    def __init__(self, size: int, *, vflip: bool = False) -> None:
-        self.size = size
-        self.vflip = vflip
+    Each image gets a crop of `scale` of its area and aspect ratio in
+    `ratio`, placed at random, flipped by negating the sampling grid, and
+    resampled (bilinear) to `size`: one `grid_sample` call on the device
+    instead of a Python loop of crops on the CPU.
+    """
 
-    def __call__(self, batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        n, h, w, _ = batch.shape
-        out = torch.empty((n, self.size, self.size, 3), dtype=batch.dtype)
-        ys = torch.randint(0, h - self.size + 1, (n,), generator=gen)
-        xs = torch.randint(0, w - self.size + 1, (n,), generator=gen)
-        flips = torch.rand(n, 2, generator=gen)
-        for i in range(n):
-            img = batch[i, ys[i]:ys[i] + self.size, xs[i]:xs[i] + self.size]
-            if flips[i, 0] < 0.5:
-                img = img.flip(1)
-            if self.vflip and flips[i, 1] < 0.5:
-                img = img.flip(0)
-            out[i] = img
-        return out
+    def __init__(self, size: int, *, scale: tuple[float, float] = (0.35, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), vflip: bool = False) -> None:
+        self.size, self.scale, self.vflip = size, scale, vflip
+        self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        n = x.shape[0]
+        u = torch.rand(n, 6, generator=gen)
+        area = self.scale[0] + (self.scale[1] - self.scale[0]) * u[:, 0]
+        ratio = torch.exp(self.log_ratio[0] + (self.log_ratio[1] - self.log_ratio[0]) * u[:, 1])
+        w = torch.sqrt(area * ratio).clamp(max=1.0)  # crop width and height as fractions of the side
+        h = torch.sqrt(area / ratio).clamp(max=1.0)
+        cx, cy = (2 * u[:, 2] - 1) * (1 - w), (2 * u[:, 3] - 1) * (1 - h)
+        fx = torch.where(u[:, 4] < 0.5, -1.0, 1.0)
+        fy = torch.where(u[:, 5] < 0.5, -1.0, 1.0) if self.vflip else torch.ones(n)
+        theta = torch.zeros(n, 2, 3)
+        theta[:, 0, 0], theta[:, 0, 2] = w * fx, cx
+        theta[:, 1, 1], theta[:, 1, 2] = h * fy, cy
+        grid = F.affine_grid(theta.to(x.device), [n, 3, self.size, self.size], align_corners=False)
+        return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def centre(batch: torch.Tensor, size: int) -> torch.Tensor:
-    h, w = batch.shape[1:3]
+def centre(x: torch.Tensor, size: int) -> torch.Tensor:
+    """The centre `size` square of an (N, 3, H, W) batch."""
+    h, w = x.shape[2:]
     top, left = (h - size) // 2, (w - size) // 2
-    return batch[:, top:top + size, left:left + size]
+    return x[:, :, top:top + size, left:left + size]
 
 
-def head_parameters(model: nn.Module, num_classes: int) -> list[nn.Parameter]:
-    """The parameters of the last layer with `num_classes` outputs (the new head)."""
-    heads = [m for m in model.modules() if getattr(m, "out_features", None) == num_classes
-             or getattr(m, "out_channels", None) == num_classes]
-    if not heads:
-        raise OptionError("cannot find the classifier head of this architecture")
-    return list(heads[-1].parameters())
+class Trainer:
+    """One run's whole state: model, optimiser, schedule, random generators, history, best epoch."""
+
+    def __init__(self, cfg: TrainConfig, pre: Preprocess, num_classes: int, steps_per_epoch: int, *,
+                 init: InitWeights | None = None, pos_weight: torch.Tensor | None = None) -> None:
+        torch.manual_seed(cfg.seed)
+        self.cfg, self.steps = cfg, steps_per_epoch
+        self.device = resolve_device(cfg.device)
+        self.model = init_model(cfg.arch, num_classes, init).to(self.device).to(memory_format=torch.channels_last)
+        self.normalise = Normaliser(pre, self.device)
+        self.augment = Augment(pre.size, scale=cfg.crop_scale, ratio=cfg.crop_ratio, vflip=cfg.vflip)
+        self.size = pre.size
+        self.loss_fn = make_loss(cfg.loss, pos_weight=None if pos_weight is None else pos_weight.to(self.device))
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, max_lr=cfg.lr, pct_start=0.25,
+                                                         total_steps=cfg.epochs * steps_per_epoch)
+        self.amp = _amp_dtype(self.device) if cfg.amp else None
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
+        self.head = {id(p) for p in head_parameters(self.model, cfg.arch, num_classes)}
+        self.frozen_epochs = cfg.frozen_epochs(pretrained=init is not None)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.epoch = 0
+        self.history: list[dict[str, float]] = []
+        self.best: tuple[float, int, dict[str, torch.Tensor], np.ndarray] | None = None
+
+    def train_epoch(self, xs: torch.Tensor, ys: torch.Tensor) -> float:
+        """One pass over the training set in a seeded order; returns the mean loss."""
+        frozen = self.epoch < self.frozen_epochs
+        for p in self.model.parameters():
+            p.requires_grad_(not frozen or id(p) in self.head)
+        self.model.train()
+        order = torch.randperm(len(xs), generator=self.gen)
+        progress.emit(progress.Event("epoch", total=self.steps,
+                                     values={"epoch": self.epoch + 1, "epochs": self.cfg.epochs}))
+        total = 0.0
+        for b in range(self.steps):
+            idx = order[b * self.cfg.batch_size:(b + 1) * self.cfg.batch_size]
+            loss = self.step(xs[idx], ys[idx])
+            total += loss * len(idx)
+            progress.emit(progress.Event("step", count=len(idx), values={"loss": loss}))
+        return total / len(xs)
+
+    def step(self, pixels: torch.Tensor, targets: torch.Tensor) -> float:
+        x = self.normalise(pixels)
+        x = self.augment(x, self.gen) if self.cfg.augment else centre(x, self.size)
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            out = self.model(x.contiguous(memory_format=torch.channels_last))
+        logits = getattr(out, "logits", out)  # inception/googlenet return (logits, aux) in training
+        loss = self.loss_fn(logits.float(), targets.to(self.device))
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        return float(loss.detach())
+
+    @torch.inference_mode()
+    def predict(self, pixels: np.ndarray) -> np.ndarray:
+        """Sigmoid probabilities for (N, size, size, 3) uint8 pixels."""
+        self.model.eval()
+        out = []
+        for i in range(0, len(pixels), self.cfg.batch_size):
+            x = self.normalise(torch.from_numpy(pixels[i:i + self.cfg.batch_size]))
+            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                out.append(torch.sigmoid(self.model(x).float()).cpu())
+        return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
+
+    def end_epoch(self, loss: float, val_map: float, scores: np.ndarray, started: float) -> bool:
+        """Record the epoch; keep its weights if its validation mAP is the best so far (returns whether)."""
+        self.epoch += 1
+        self.history.append({"epoch": self.epoch, "loss": loss, "val_mAP": val_map,
+                             "seconds": round(time.perf_counter() - started, 2)})
+        best = self.best is None or _better(val_map, self.best[0])
+        if best:
+            state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+            self.best = (val_map, self.epoch, state, scores)
+        return best
+
+    def state(self, fingerprint: str) -> dict[str, Any]:
+        """Everything a resumed run needs to continue exactly (tensors and plain values only)."""
+        assert self.best is not None
+        return {"fingerprint": fingerprint, "epoch": self.epoch, "history": self.history,
+                "model": self.model.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
+                "scaler": self.scaler.state_dict(), "gen": self.gen.get_state(), "rng": torch.get_rng_state(),
+                "best_map": self.best[0], "best_epoch": self.best[1], "best_state": self.best[2],
+                "best_scores": torch.from_numpy(self.best[3])}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.gen.set_state(state["gen"])
+        torch.set_rng_state(state["rng"])
+        self.epoch, self.history = state["epoch"], list(state["history"])
+        self.best = (state["best_map"], state["best_epoch"], state["best_state"], state["best_scores"].numpy())
+
+    def result(self, val_y: np.ndarray, started: float) -> TrainResult:
+        """The best epoch's weights with thresholds calibrated on its validation scores."""
+        assert self.best is not None
+        _, epoch, state, scores = self.best
+        thresholds, info = metrics.calibrate_thresholds(scores, val_y)
+        return TrainResult(state_dict=state, val_scores=scores, val_targets=val_y, thresholds=thresholds,
+                           threshold_info=info, history=self.history, seconds=time.perf_counter() - started,
+                           best_epoch=epoch)
+
+
+def _amp_dtype(device: torch.device) -> torch.dtype | None:
+    """Autocast on CUDA (bf16 where supported, else fp16 with loss scaling); plain fp32 on CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _better(val_map: float, best_map: float) -> bool:
+    """A NaN mAP (no validation positives at all) never beats a number; the later of two NaNs wins."""
+    if math.isnan(val_map):
+        return math.isnan(best_map)
+    return math.isnan(best_map) or val_map > best_map
+
+
+def fingerprint(cfg: TrainConfig, pre: Preprocess, classes: Sequence[str], n_train: int, n_val: int) -> str:
+    """What a checkpoint must match to be resumed: the data's shape and every setting but the device."""
+    d = {**cfg.to_dict(), "device": None, "pre": pre.to_dict(), "classes": list(classes), "n": [n_train, n_val]}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def fit(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, *,
-        pre: Preprocess, cfg: TrainConfig, init_state: dict[str, torch.Tensor] | None = None,
-        log: Log = print) -> TrainResult:
-    """Train; keep the weights of the epoch with the best validation mAP; calibrate thresholds on it."""
+        pre: Preprocess, cfg: TrainConfig, init: InitWeights | None = None, log: Log = print,
+        checkpoint: str | None = None, resume: bool = False, classes: Sequence[str] = (),
+        storage_options: StorageOptions = None) -> TrainResult:
+    """Train; keep the weights of the epoch with the best validation mAP; calibrate thresholds on it.
+
+    `train_x` holds `resize_size` squares (augmentation crops them), `val_x`
+    the exact inference input. With `checkpoint`, the run state is saved
+    after every epoch; `resume` continues from it.
+    """
     cfg.validate()
     started = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    num_classes = train_y.shape[1]
-    model = build_model(cfg.arch, num_classes, init_state).to(device).to(memory_format=torch.channels_last)
-    normalise = Normaliser(pre, device)
-    augment = Augment(pre.size, vflip=cfg.vflip)
+    steps = math.ceil(len(train_x) / cfg.batch_size)
+    pos_weight = auto_pos_weight(train_y) if cfg.pos_weight else None
+    trainer = Trainer(cfg, pre, train_y.shape[1], steps, init=init, pos_weight=pos_weight)
+    key = fingerprint(cfg, pre, classes or [str(j) for j in range(train_y.shape[1])], len(train_x), len(val_x))
+    if resume and checkpoint:
+        trainer.load_state(load_checkpoint(checkpoint, key, storage_options))
+        log(f"resumed from {checkpoint} after epoch {trainer.epoch} of {cfg.epochs}")
     xs, ys = torch.from_numpy(train_x), torch.from_numpy(train_y)
-    steps = math.ceil(len(xs) / cfg.batch_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps, pct_start=0.25)
-    loss_fn = nn.BCEWithLogitsLoss()
-    head = set(map(id, head_parameters(model, num_classes)))
-    best: tuple[float, int, dict[str, torch.Tensor], np.ndarray] | None = None
-    history = []
-    for epoch in range(cfg.epochs):
-        frozen = epoch < cfg.freeze_epochs
-        for p in model.parameters():
-            p.requires_grad_(not frozen or id(p) in head)
-        model.train()
-        order = torch.randperm(len(xs), generator=gen)
-        total = 0.0
-        for b in range(steps):
-            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            batch = augment(xs[idx], gen) if cfg.augment else centre(xs[idx], pre.size)
-            logits = model(normalise(batch))
-            loss = loss_fn(logits.float(), ys[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(idx)
-        scores = predict(model, val_x, normalise, cfg.batch_size)
+    while trainer.epoch < cfg.epochs:
+        frozen = trainer.epoch < trainer.frozen_epochs
+        loss = trainer.train_epoch(xs, ys)
+        scores = trainer.predict(val_x)
         val_map = metrics.mean_average_precision(scores, val_y)
-        history.append({"epoch": epoch + 1, "loss": total / len(xs), "val_mAP": val_map,
-                        "seconds": time.perf_counter() - started})
-        log(f"epoch {epoch + 1}/{cfg.epochs}  loss {total / len(xs):.4f}  val mAP {val_map:.4f}"
-            f"{'  (backbone frozen)' if frozen else ''}")
-        if best is None or val_map > best[0]:
-            best = (val_map, epoch + 1, copy.deepcopy(model.state_dict()), scores)
-    assert best is not None
-    thresholds, info = metrics.calibrate_thresholds(best[3], val_y)
-    state = {k: v.detach().cpu() for k, v in best[2].items()}
-    return TrainResult(state_dict=state, val_scores=best[3], val_targets=val_y, thresholds=thresholds,
-                       threshold_info=info, history=history, seconds=time.perf_counter() - started,
-                       best_epoch=best[1])
+        best = trainer.end_epoch(loss, val_map, scores, started)
+        progress.emit(progress.Event("validated", values={"epoch": trainer.epoch, "loss": loss, "val_mAP": val_map,
+                                                          "best": float(best)}))
+        log(f"epoch {trainer.epoch}/{cfg.epochs}  loss {loss:.4f}  val mAP {val_map:.4f}"
+            f"{'  (best)' if best else ''}{'  (backbone frozen)' if frozen else ''}")
+        if checkpoint:
+            save_checkpoint(checkpoint, trainer.state(key), storage_options)
+    return trainer.result(val_y, started)
 
 
-@torch.inference_mode()
-def predict(model: nn.Module, pixels: np.ndarray, normalise: Normaliser, batch_size: int) -> np.ndarray:
-    model.eval()
-    out = [torch.sigmoid(model(normalise(torch.from_numpy(pixels[i:i + batch_size]))).float()).cpu()
-           for i in range(0, len(pixels), batch_size)]
-    return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
+def save_checkpoint(url: str, state: dict[str, Any], storage_options: StorageOptions = None) -> None:
+    """Write the run state atomically: a crash mid-write leaves the previous checkpoint."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    try:
+        fs, path = url_to_fs(url, storage_options)
+        write_atomic(fs, path, buf.getvalue())
+    except OSError as err:
+        raise OptionError(f"cannot write checkpoint {url}: {describe_os_error(err)}") from err
+
+
+def load_checkpoint(url: str, key: str, storage_options: StorageOptions = None) -> dict[str, Any]:
+    """A checkpoint of this very run (same data shape and settings), or a one-line error."""
+    try:
+        fs, path = url_to_fs(url, storage_options)
+        data = fs.cat_file(path)
+    except FileNotFoundError:
+        raise OptionError(f"no checkpoint at {url} to resume from; run without --resume to start afresh") from None
+    except OSError as err:
+        raise OptionError(f"cannot read checkpoint {url}: {describe_os_error(err)}") from err
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch.load raises many types for a damaged file
+        raise OptionError(f"checkpoint {url} is not readable ({str(err).splitlines()[0]})") from None
+    if state.get("fingerprint") != key:
+        raise OptionError(f"checkpoint {url} is from a run with other data or settings; "
+                          "resume with the same command, or run without --resume to start afresh")
+    return state
 
 
 def write_bundle(result: TrainResult, out: str, *, name: str, classes: Sequence[str], pre: Preprocess,
@@ -204,13 +375,13 @@ def write_bundle(result: TrainResult, out: str, *, name: str, classes: Sequence[
     at_half = metrics.classification_metrics(result.val_scores >= 0.5, result.val_targets)
     summary = {
         "validation": {"images": report["images"], "mAP": report["mAP"], "per_class_ap": report["per_class_ap"],
-                       "at_thresholds": report["at_thresholds"], "at_0.5": at_half},
+                       "positives": report["positives"], "at_thresholds": report["at_thresholds"],
+                       "at_0.5": at_half, "at_top3": report["at_top3"]},
         "thresholds": result.threshold_info,
-        "training": {"arch": cfg.arch, "epochs": cfg.epochs, "best_epoch": result.best_epoch,
-                     "seconds": round(result.seconds, 1), **(extra or {})},
+        "training": {**cfg.to_dict(), "best_epoch": result.best_epoch, "seconds": round(result.seconds, 1),
+                     "history": [{k: round(v, 5) for k, v in h.items()} for h in result.history], **(extra or {})},
     }
     return save_bundle(out, name=name, arch=cfg.arch, classes=list(classes), state_dict=result.state_dict,
                        preprocess=pre, thresholds=[float(t) for t in result.thresholds],
                        threshold_method=result.threshold_info["method"], metrics=summary,
                        weights_dtype=weights_dtype, storage_options=storage_options)
-

@@ -1,0 +1,138 @@
+"""From a labels file to a bundle: the steps `mlcls train` and the `train-bundle` flow run.
+
+Everything that can be checked is checked before the first image is read:
+the labels file and its columns, the split, the starting weights (a wrong
+architecture or an unreachable torchvision download fails here), whether the
+pixels fit in memory. The run checkpoints after every epoch next to the
+bundle (`OUT/checkpoint.pt`) and removes the checkpoint once the bundle is
+written; `resume=True` picks a killed run up where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .bundle import Bundle, build_model, check_arch, check_classes, check_forward
+from .dataset import check_memory, load_pixels, stored_preprocess
+from .errors import BundleError, LabelsError, OptionError
+from .images import Preprocess
+from .labels import LabelsSpec, multi_hot, read_labels, split
+from .labels import check_classes as check_positives
+from .storage import StorageOptions, describe_os_error, join, probe_writable, url_to_fs
+from .train import TrainConfig, TrainResult, fit, write_bundle
+from .weights import load_init_weights
+
+Log = Callable[[str], None]
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+@dataclass
+class Trained:
+    """What a training job made: the bundle, and the run behind it."""
+
+    bundle: Bundle
+    result: TrainResult
+    train_images: int
+    val_uris: list[str]
+
+    @property
+    def val_images(self) -> int:
+        return len(self.val_uris)
+
+
+def default_checkpoint(out: str) -> str:
+    return join(out.rstrip("/"), CHECKPOINT_FILE)
+
+
+def train_from_labels(spec: LabelsSpec, out: str, *, cfg: TrainConfig, pre: Preprocess,
+                      classes: Sequence[str] | None = None, weights: str | None = None, name: str | None = None,
+                      resume: bool = False, checkpoint: str | None = None, workers: int = 8,
+                      weights_dtype: str = "float32", storage_options: StorageOptions = None, log: Log = print,
+                      warn: Log = print) -> Trained:
+    """Read labels, split, load images once, train, calibrate, and write the bundle to `out`."""
+    cfg.validate()
+    check_arch(cfg.arch)
+    table = read_labels(spec, storage_options)
+    classes = _classes(table.classes, classes, spec.path)
+    train_idx, val_idx = split(table, classes, val_fraction=spec.val_fraction, seed=spec.seed)
+    check_positives(multi_hot([table.labels[i] for i in train_idx], classes),
+                    multi_hot([table.labels[i] for i in val_idx], classes), classes, warn)
+    init = load_init_weights(weights, cfg.arch, len(classes), storage_options, warn=warn)
+    log(f"{cfg.arch}, {len(classes)} classes, {init.describe() if init else 'random init'}")
+    check_forward(build_model(cfg.arch, len(classes), None).eval(), cfg.arch, pre.size, len(classes))
+    check_memory(len(train_idx), pre.resize_size, "training images")
+    check_writable(out, storage_options)
+    ckpt = checkpoint or default_checkpoint(out)
+    _check_checkpoint(ckpt, resume, storage_options, warn)
+    uris = np.array(table.uris, dtype=object)
+    train_x, keep = load_pixels(list(uris[train_idx]), stored_preprocess(pre), storage_options=storage_options,
+                                workers=workers, source=spec.path, warn=warn)
+    train_y = multi_hot([table.labels[i] for i in train_idx[keep]], classes)
+    val_x, keep = load_pixels(list(uris[val_idx]), pre, storage_options=storage_options, workers=workers,
+                              source=spec.path, warn=warn)
+    val_y = multi_hot([table.labels[i] for i in val_idx[keep]], classes)
+    val_uris = [table.uris[i] for i in val_idx[keep]]
+    log(f"{len(train_y)} training images ({int((train_y.sum(1) == 0).sum())} with no labels), "
+        f"{len(val_y)} validation images, {pre.size} px")
+    result = fit(train_x, train_y, val_x, val_y, pre=pre, cfg=cfg, init=init, log=log, checkpoint=ckpt,
+                 resume=resume, classes=classes, storage_options=storage_options)
+    extra = {"train_images": len(train_y), "val_images": len(val_y), "labels": spec.path,
+             "weights": init.source if init else None, "dropped_keys": init.dropped if init else []}
+    bundle = write_bundle(result, out, name=name or _default_name(out), classes=classes, pre=pre, cfg=cfg,
+                          storage_options=storage_options, extra=extra, weights_dtype=weights_dtype)
+    _remove(ckpt, storage_options)
+    return Trained(bundle=bundle, result=result, train_images=len(train_y), val_uris=val_uris)
+
+
+def _classes(found: list[str], given: Sequence[str] | None, path: str) -> list[str]:
+    """The file's classes (sorted), or the given list, which must cover every label in the file."""
+    if given is None:
+        if not found:
+            raise LabelsError(f"labels file {path} names no class at all: every labels cell is empty")
+        return found
+    given = list(given)
+    try:
+        check_classes(given, "--classes")
+    except BundleError as err:
+        raise LabelsError(str(err)) from None
+    unknown = sorted(set(found) - set(given))
+    if unknown:
+        raise LabelsError(f"labels file {path} uses {len(unknown)} classes missing from --classes: "
+                          f"{', '.join(unknown[:10])}")
+    return given
+
+
+def check_writable(out: str, storage_options: StorageOptions) -> None:
+    """Fail before any image is read if the bundle folder cannot be written."""
+    try:
+        probe_writable(out, storage_options)
+    except NotADirectoryError:
+        raise OptionError(f"--out {out} is a file; give a folder (or prefix) for the bundle") from None
+    except (OSError, ValueError, ImportError) as err:
+        raise OptionError(f"cannot write the bundle to {out}: {describe_os_error(err)}") from err
+
+
+def has_checkpoint(out: str, storage_options: StorageOptions = None) -> bool:
+    """Whether an interrupted run left a checkpoint in the bundle folder `out`."""
+    fs, path = url_to_fs(default_checkpoint(out), storage_options)
+    return fs.exists(path)
+
+
+def _check_checkpoint(url: str, resume: bool, storage_options: StorageOptions, warn: Log) -> None:
+    fs, path = url_to_fs(url, storage_options)
+    if not resume and fs.exists(path):
+        warn(f"starting afresh: the checkpoint {url} of an earlier run will be overwritten (--resume continues it)")
+
+
+def _remove(url: str, storage_options: StorageOptions) -> None:
+    fs, path = url_to_fs(url, storage_options)
+    if fs.exists(path):
+        fs.rm_file(path)
+
+
+def _default_name(out: str) -> str:
+    return os.path.basename(out.rstrip("/")) or "bundle"

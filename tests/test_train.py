@@ -1,0 +1,182 @@
+"""Training: bundle round trip through tagging, resume, starting weights, freezing, losses, augmentation."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from trainkit import CFG, DATA, PRE, write_shapes
+
+from mlcls import metrics, progress
+from mlcls.bundle import load_bundle
+from mlcls.errors import BundleError, LabelsError, OptionError
+from mlcls.labels import LabelsSpec, multi_hot
+from mlcls.losses import AsymmetricLoss, FocalLoss, auto_pos_weight
+from mlcls.pipeline import TagOptions, tag
+from mlcls.synth import make_dataset
+from mlcls.train import Augment, TrainConfig, Trainer, eval_pixels, fit, train_pixels
+from mlcls.trainjob import train_from_labels
+from mlcls.weights import load_init_weights
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine run faster on one thread than on two that spin-wait."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def arrays():
+    """In-memory pixels and targets: 48 training and 16 validation images."""
+    classes = list(DATA.classes)
+    train = make_dataset(48, seed=1, cfg=DATA)
+    val = make_dataset(16, seed=2, cfg=DATA)
+    return (train_pixels([im for im, _ in train], PRE), multi_hot([lb for _, lb in train], classes),
+            eval_pixels([im for im, _ in val], PRE), multi_hot([lb for _, lb in val], classes))
+
+
+def test_train_then_tag_gives_the_same_probabilities(tmp_path):
+    labels = write_shapes(tmp_path / "data")
+    logs = []
+    trained = train_from_labels(LabelsSpec(str(labels)), str(tmp_path / "bundle"), cfg=CFG, pre=PRE,
+                                log=logs.append, warn=logs.append)
+    bundle = load_bundle(str(tmp_path / "bundle"))
+    assert bundle.digest == trained.bundle.digest and bundle.classes == tuple(sorted(DATA.classes))
+    assert bundle.threshold_method == "f1-per-class" and bundle.preprocess == PRE
+    result = trained.result
+    v = bundle.metrics["validation"]
+    assert v["images"] == trained.val_images == 24 and trained.train_images == 72
+    assert v["mAP"] == pytest.approx(metrics.mean_average_precision(result.val_scores, result.val_targets))
+    assert v["at_thresholds"]["empty_images"] == int((result.val_targets.sum(1) == 0).sum()) > 0
+    history = bundle.metrics["training"]["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert bundle.metrics["training"]["best_epoch"] == 1 + int(np.argmax([h["val_mAP"] for h in history]))
+    assert not (tmp_path / "bundle" / "checkpoint.pt").exists()
+
+    tag(trained.val_uris, str(tmp_path / "tags"), model=str(tmp_path / "bundle"),
+        options=TagOptions(device="cpu", batch_size=7))
+    df = pl.read_parquet(f"{tmp_path}/tags/*.parquet")
+    probs = dict(zip(df["uri"], np.array([[r[c] for c in bundle.classes] for r in df["probs"]]), strict=True))
+    tagged = np.stack([probs[u] for u in trained.val_uris])
+    np.testing.assert_allclose(tagged, result.val_scores, atol=2e-5)
+    labels_out = dict(zip(df["uri"], df["labels"].to_list(), strict=True))
+    expected = [[c for c, s, t in zip(bundle.classes, row, bundle.thresholds, strict=True) if s >= t]
+                for row in result.val_scores]
+    assert [labels_out[u] for u in trained.val_uris] == expected
+
+
+def _stop_at_epoch(n: int):
+    def listener(event: progress.Event) -> None:
+        if event.kind == "epoch" and event.values["epoch"] == n:
+            raise KeyboardInterrupt
+
+    return listener
+
+
+def test_an_interrupted_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path, arrays):
+    cfg = replace(CFG, epochs=3)
+    whole = fit(*arrays, pre=PRE, cfg=cfg, log=lambda _: None)
+    ckpt = str(tmp_path / "ckpt.pt")
+    unsubscribe = progress.subscribe(_stop_at_epoch(3))
+    with pytest.raises(KeyboardInterrupt):
+        fit(*arrays, pre=PRE, cfg=cfg, checkpoint=ckpt, log=lambda _: None)
+    unsubscribe()
+    logs = []
+    resumed = fit(*arrays, pre=PRE, cfg=cfg, checkpoint=ckpt, resume=True, log=logs.append)
+    assert logs[0].startswith(f"resumed from {ckpt} after epoch 2 of 3") and len(logs) == 2
+    assert resumed.best_epoch == whole.best_epoch
+    assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in whole.history], abs=1e-6)
+    for k, v in whole.state_dict.items():
+        assert torch.allclose(resumed.state_dict[k].float(), v.float(), atol=1e-5), k
+    np.testing.assert_allclose(resumed.thresholds, whole.thresholds, atol=1e-6)
+    with pytest.raises(OptionError, match="is from a run with other data or settings"):
+        fit(*arrays, pre=PRE, cfg=replace(cfg, lr=1e-3), checkpoint=ckpt, resume=True, log=lambda _: None)
+
+
+def test_pretrained_backbone_is_frozen_for_the_first_epoch_then_trained(tmp_path, arrays):
+    torch.manual_seed(1)
+    imagenet_like = torchvision.models.get_model("mobilenet_v3_small", num_classes=1000).state_dict()
+    torch.save(imagenet_like, tmp_path / "w.pth")
+    init = load_init_weights(str(tmp_path / "w.pth"), "mobilenet_v3_small", 6, warn=print)
+    assert init is not None and [d.split()[0] for d in init.dropped] == ["classifier.3.bias", "classifier.3.weight"]
+    train_x, train_y, _, _ = arrays
+    trainer = Trainer(replace(CFG, epochs=2), PRE, 6, 3, init=init)
+    start = {k: v.clone() for k, v in trainer.model.named_parameters()}
+    assert torch.equal(start["features.0.0.weight"], imagenet_like["features.0.0.weight"])
+    xs, ys = torch.from_numpy(train_x), torch.from_numpy(train_y)
+    trainer.train_epoch(xs, ys)
+    trainer.epoch += 1
+    after_one = dict(trainer.model.named_parameters())
+    assert torch.equal(after_one["features.0.0.weight"], start["features.0.0.weight"])  # frozen
+    assert not torch.equal(after_one["classifier.3.weight"], start["classifier.3.weight"])  # the new head learns
+    trainer.train_epoch(xs, ys)
+    assert not torch.equal(trainer.model.state_dict()["features.0.0.weight"], start["features.0.0.weight"])
+
+
+def test_starting_weights_errors_and_the_offline_fallback(tmp_path, monkeypatch):
+    torch.save(torchvision.models.get_model("resnet18", num_classes=10).state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(BundleError, match="do not fit mobilenet_v3_small: .*keys missing"):
+        load_init_weights(str(tmp_path / "r18.pth"), "mobilenet_v3_small", 4)
+    with pytest.raises(OptionError, match="not a torchvision weights name for resnet18 \\(it has: IMAGENET1K_V1"):
+        load_init_weights("IMAGENET9K_V9", "resnet18", 4)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-cache"))
+    warnings = []
+    assert load_init_weights("auto", "resnet18", 4, warn=warnings.append) is None
+    assert "training from random init" in warnings[0] and "--weights FILE.pth" in warnings[0]
+    assert load_init_weights("none", "resnet18", 4) is None
+
+
+def test_losses_reduce_to_bce_and_asl_ignores_easy_negatives():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(8, 5) * 3, (torch.rand(8, 5) < 0.3).float()
+    bce = F.binary_cross_entropy_with_logits(logits, targets)
+    assert torch.allclose(FocalLoss(gamma=0.0)(logits, targets), bce, atol=1e-6)
+    assert torch.allclose(AsymmetricLoss(gamma_neg=0, gamma_pos=0, clip=0)(logits, targets), bce, atol=1e-6)
+    easy = torch.full((1, 3), -5.0)  # p = 0.0067 < clip 0.05: no loss at all for these negatives
+    assert AsymmetricLoss()(easy, torch.zeros(1, 3)).item() == 0.0
+    assert FocalLoss()(logits, targets) < bce
+    weights = auto_pos_weight(np.array([[1, 0, 0]] * 5 + [[0, 0, 1]] * 30 + [[0, 0, 0]] * 65))
+    assert weights.tolist() == pytest.approx([10.0, 1.0, 70 / 30])  # 95/5 clipped to 10; no positive: 1
+
+
+@pytest.mark.parametrize("loss, pos_weight", [("focal", False), ("asl", False), ("bce", True)])
+def test_every_loss_option_trains(arrays, loss, pos_weight):
+    result = fit(*arrays, pre=PRE, cfg=replace(CFG, epochs=1, loss=loss, pos_weight=pos_weight),
+                 log=lambda _: None)
+    assert np.isfinite(result.history[0]["loss"]) and result.history[0]["loss"] > 0
+    assert result.val_scores.shape == (16, 6) and ((result.val_scores > 0) & (result.val_scores < 1)).all()
+
+
+def test_augment_crops_resamples_and_flips():
+    x = torch.rand(64, 3, 8, 8)
+    out = Augment(8, scale=(1.0, 1.0), ratio=(1.0, 1.0))(x, torch.Generator().manual_seed(0))
+    same = torch.isclose(out, x, atol=1e-5).flatten(1).all(1)
+    flipped = torch.isclose(out, x.flip(-1), atol=1e-5).flatten(1).all(1)
+    assert (same | flipped).all() and 16 < int(flipped.sum()) < 48  # whole image, flipped about half the time
+    out = Augment(6, scale=(0.2, 0.5), vflip=True)(x, torch.Generator().manual_seed(0))
+    assert out.shape == (64, 3, 6, 6) and not torch.isclose(out[:, :, :, :], x[:, :, 1:7, 1:7], atol=1e-3).all()
+
+
+def test_config_is_checked_before_training():
+    with pytest.raises(OptionError, match="--pos-weight goes with --loss bce"):
+        TrainConfig(loss="asl", pos_weight=True).validate()
+    with pytest.raises(OptionError, match="--freeze-epochs must be between 0 and --epochs \\(2\\)"):
+        TrainConfig(epochs=2, freeze_epochs=3).validate()
+    with pytest.raises(OptionError, match="--loss 'hinge'"):
+        TrainConfig(loss="hinge").validate()
+    assert TrainConfig.from_dict(TrainConfig(crop_scale=(0.5, 1.0)).to_dict()).crop_scale == (0.5, 1.0)
+
+
+def test_labels_that_leave_a_class_without_training_positives_stop_before_reading_images(tmp_path):
+    (tmp_path / "l.csv").write_text("image,labels,is_valid\nmissing-a.jpg,cat,0\nmissing-b.jpg,dog,1\n")
+    with pytest.raises(LabelsError, match="no positive training image and cannot be learnt: dog"):
+        train_from_labels(LabelsSpec(str(tmp_path / "l.csv")), str(tmp_path / "b"), cfg=CFG, pre=PRE)
+    assert not (tmp_path / "b").exists()

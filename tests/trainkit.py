@@ -1,0 +1,34 @@
+"""Tiny generated labelled data sets and settings for the training tests: seconds, not minutes."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from mlcls.images import Preprocess
+from mlcls.synth import SynthConfig, write_dataset
+from mlcls.train import TrainConfig
+
+DATA = SynthConfig(size=64, min_radius=0.2, max_radius=0.35, clutter=1, p_blur=0.0)
+PRE = Preprocess(size=48, resize_size=56)
+CFG = TrainConfig(arch="mobilenet_v3_small", epochs=2, batch_size=16, lr=3e-3, seed=0, device="cpu")
+TRAIN_ARGS = ["--arch", "mobilenet_v3_small", "--weights", "none", "--size", "48", "--resize-size", "56",
+              "--epochs", "2", "--batch-size", "16", "--lr", "3e-3", "--device", "cpu", "-q"]
+
+
+def write_shapes(folder: Path, n: int = 96, seed: int = 0, valid_share: float = 0.25) -> Path:
+    """`n` shape images and a labels.csv whose last `valid_share` of rows are is_valid (about 20 % have no labels)."""
+    return Path(write_dataset(str(folder), n, seed, DATA, val_fraction=valid_share))
+
+
+def read_rows(labels: Path) -> list[dict[str, str]]:
+    with open(labels, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_rows(path: Path, rows: list[dict[str, str]]) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
