@@ -107,7 +107,10 @@ def build_model(arch: str, num_classes: int, state_dict: dict[str, torch.Tensor]
     check_arch(arch)
     if state_dict is None:
         return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
-    with torch.device("meta"):
+    try:
+        with torch.device("meta"):
+            model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    except NotImplementedError:  # regnets compute their widths with tensors: not on the meta device
         model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
     try:
         model.load_state_dict(state_dict, strict=True, assign=True)

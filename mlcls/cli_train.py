@@ -74,6 +74,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pos-weight", action="store_true", help="BCE pos_weight n_neg/n_pos per class (clipped to 10)")
     p.add_argument("--no-augment", action="store_true", help="no random resized crop and flip")
     p.add_argument("--vflip", action="store_true", help="also flip vertically (aerial, microscopy, shapes)")
+    p.add_argument("--crop-scale", type=float, default=0.6, metavar="MIN",
+                   help="random crops keep at least this share of the image's area (default 0.6)")
     p.add_argument("--no-amp", action="store_true", help="no autocast on CUDA")
     p.add_argument("--val-fraction", type=float, default=0.2, help="validation share without is_valid (0.2)")
     p.add_argument("--seed", type=int, default=0)
@@ -153,7 +155,8 @@ def _train_config(args: argparse.Namespace) -> Any:
     resolve_device(args.device)
     return TrainConfig(arch=args.arch, epochs=args.epochs, freeze_epochs=args.freeze_epochs,
                        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
-                       device=args.device, augment=not args.no_augment, vflip=args.vflip, loss=args.loss,
+                       device=args.device, augment=not args.no_augment, vflip=args.vflip,
+                       crop_scale=(args.crop_scale, 1.0), loss=args.loss,
                        pos_weight=args.pos_weight, amp=not args.no_amp).validate()
 
 
@@ -170,7 +173,6 @@ def _preprocess(args: argparse.Namespace) -> Any:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .bundle import read_classes
-    from .console import out_console
     from .trainjob import train_from_labels
 
     cfg, pre = _train_config(args), _preprocess(args)
@@ -183,13 +185,13 @@ def cmd_train(args: argparse.Namespace) -> int:
                                     workers=args.workers, storage_options=args.storage_options,
                                     weights_dtype="float16" if args.half else "float32", log=log, warn=warn)
     v = trained.bundle.metrics["validation"]
-    out_console.print(f"[bold]wrote bundle {args.out}[/bold]: {trained.bundle.model_id}, "
-                      f"{len(trained.bundle.classes)} classes, best epoch {trained.result.best_epoch} of "
-                      f"{cfg.epochs}, {trained.result.seconds:.0f} s")
-    out_console.print(f"validation ({trained.val_images} images): mAP {v['mAP']:.4f}, macro-F1 "
-                      f"{v['at_thresholds']['macro_f1']:.4f} at calibrated thresholds "
-                      f"({v['at_0.5']['macro_f1']:.4f} at 0.5), Hamming loss {v['at_thresholds']['hamming_loss']:.4f}")
-    out_console.print(f"use it with: mlcls tag SOURCE --out OUT --model {args.out}")
+    say(f"[bold]wrote bundle {args.out}[/bold]: {trained.bundle.model_id}, "
+        f"{len(trained.bundle.classes)} classes, best epoch {trained.result.best_epoch} of "
+        f"{cfg.epochs}, {trained.result.seconds:.0f} s")
+    say(f"validation ({trained.val_images} images): mAP {v['mAP']:.4f}, macro-F1 "
+        f"{v['at_thresholds']['macro_f1']:.4f} at calibrated thresholds "
+        f"({v['at_0.5']['macro_f1']:.4f} at 0.5), Hamming loss {v['at_thresholds']['hamming_loss']:.4f}")
+    say(f"use it with: mlcls tag SOURCE --out OUT --model {args.out}")
     return EXIT_OK
 
 
@@ -203,14 +205,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                 options=options, storage_options=args.storage_options, warn=warn)
     print_eval(evaluated.metrics)
     if evaluated.files:
-        from .console import out_console
-
-        out_console.print(f"report: {', '.join(evaluated.files)}")
+            say(f"report: {', '.join(evaluated.files)}")
     return EXIT_OK
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from .console import out_console
     from .evaljob import calibrate_bundle
 
     options = _score_options(args)
@@ -219,28 +218,33 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         before, after = calibrate_bundle(args.bundle, spec, out=args.out, threshold=args.threshold,
                                          thresholds_file=args.thresholds, min_positives=args.min_positives,
                                          options=options, storage_options=args.storage_options, warn=warn)
-    out_console.print(f"[bold]wrote {args.out or args.bundle}[/bold]: {after.model_id}, thresholds by "
-                      f"{after.threshold_method} (were {before.threshold_method})")
+    say(f"[bold]wrote {args.out or args.bundle}[/bold]: {after.model_id}, thresholds by "
+        f"{after.threshold_method} (were {before.threshold_method})")
     for name, old, new in zip(after.classes, before.thresholds, after.thresholds, strict=True):
-        out_console.print(f"  {name:<24} {old:.3f} -> {new:.3f}")
+        say(f"  {name:<24} {old:.3f} -> {new:.3f}")
     record = after.metrics.get("thresholds", {}).get("calibration")
     if record:
-        out_console.print(f"on {record['images']} images: macro-F1 {record['at_previous_thresholds']['macro_f1']:.4f}"
-                          f" -> {record['at_new_thresholds']['macro_f1']:.4f}")
+        say(f"on {record['images']} images: macro-F1 {record['at_previous_thresholds']['macro_f1']:.4f}"
+            f" -> {record['at_new_thresholds']['macro_f1']:.4f}")
     return EXIT_OK
+
+
+def say(text: str) -> None:
+    """One line on stdout, never wrapped at the terminal's width (it is meant to be grepped and copied)."""
+    from .console import out_console
+
+    out_console.print(text, soft_wrap=True, highlight=False)
 
 
 def print_eval(m: dict[str, Any]) -> None:
     """The eval summary: mAP, then one line of metrics per labelling rule."""
-    from .console import out_console
-
-    out_console.print(f"[bold]{m['model']}[/bold] on {m['images']} images ({m['labels']}): mAP {m['mAP']:.4f}")
+    say(f"[bold]{m['model']}[/bold] on {m['images']} images ({m['labels']}): mAP {m['mAP']:.4f}")
     rules = [("thresholds", m["at_thresholds"]), ("0.5", m["at_0.5"]), ("top-3", m["at_top3"])]
     if "override" in m:
         rules.append((m["override"]["rule"], m["override"]))
     for name, r in rules:
         fpr = "-" if r["empty_fpr"] != r["empty_fpr"] else f"{r['empty_fpr']:.4f}"
-        out_console.print(f"  at {name:<12} CF1 {r['CF1']:.4f}  OF1 {r['OF1']:.4f}  macro-F1 {r['macro_f1']:.4f}  "
+        say(f"  at {name:<12} CF1 {r['CF1']:.4f}  OF1 {r['OF1']:.4f}  macro-F1 {r['macro_f1']:.4f}  "
                           f"Hamming {r['hamming_loss']:.4f}  subset acc {r['subset_accuracy']:.4f}  "
                           f"FPR on no-label images {fpr}")
 

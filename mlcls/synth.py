@@ -111,6 +111,13 @@ class SynthConfig:
     max_radius: float = 0.2
     min_contrast: float = 120.0
     p_blur: float = 0.5
+    distractors: int = 0  # up to this many shape-like blobs that are no class (0: none, as the demo)
+
+
+HARD = SynthConfig(size=128, classes=tuple(SHAPES), max_objects=4, p_empty=0.2, clutter=8, distractors=3,
+                   min_radius=0.1, max_radius=0.22, min_contrast=90.0, p_blur=0.3)
+"""The quality benchmark's task: all 12 shapes, up to 4 per image (they overlap), lines and shape-like
+blobs as clutter, lower contrast, 20 % of images with no shape at all."""
 
 
 def make_image(rng: np.random.Generator, cfg: SynthConfig) -> tuple[Image.Image, list[str]]:
@@ -121,6 +128,9 @@ def make_image(rng: np.random.Generator, cfg: SynthConfig) -> tuple[Image.Image,
     for _ in range(int(rng.integers(0, cfg.clutter + 1))):  # distractors: thin lines and specks
         pts = [tuple(rng.uniform(0, s, 2)) for _ in range(2)]
         d.line(pts, fill=_color(rng), width=1)
+    if cfg.distractors:  # drawn only when asked for, so other configurations keep their random stream
+        for _ in range(int(rng.integers(0, cfg.distractors + 1))):
+            _blob(img, rng, s, cfg, mean_color)
     n = 0 if rng.random() < cfg.p_empty else int(rng.integers(1, cfg.max_objects + 1))
     kinds = [cfg.classes[int(i)] for i in rng.integers(0, len(cfg.classes), n)]
     for kind in kinds:
@@ -132,6 +142,18 @@ def make_image(rng: np.random.Generator, cfg: SynthConfig) -> tuple[Image.Image,
     if rng.random() < cfg.p_blur:
         img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.2, 1.0))))
     return img, sorted(set(kinds))
+
+
+def _blob(img: Image.Image, rng: np.random.Generator, s: int, cfg: SynthConfig, mean_color: np.ndarray) -> None:
+    """A filled irregular polygon the size of a shape: clutter that a model must learn is not a class."""
+    r = rng.uniform(cfg.min_radius, cfg.max_radius) * s
+    c = rng.uniform(r, s - r, 2)
+    k = int(rng.integers(7, 12))
+    angles = np.sort(rng.uniform(0, 2 * math.pi, k))
+    radii = r * rng.uniform(0.35, 1.0, k)
+    points = [(float(c[0] + q * math.cos(a)), float(c[1] + q * math.sin(a)))
+              for a, q in zip(angles, radii, strict=True)]
+    ImageDraw.Draw(img).polygon(points, fill=_color(rng, mean_color, cfg.min_contrast * 0.6))
 
 
 def _background(rng: np.random.Generator, s: int) -> tuple[Image.Image, np.ndarray]:

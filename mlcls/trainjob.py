@@ -20,11 +20,11 @@ from .bundle import Bundle, build_model, check_arch, check_classes, check_forwar
 from .dataset import check_memory, load_pixels, stored_preprocess
 from .errors import BundleError, LabelsError, OptionError
 from .images import Preprocess
-from .labels import LabelsSpec, multi_hot, read_labels, split
+from .labels import LabelsSpec, LabelTable, multi_hot, read_labels, split
 from .labels import check_classes as check_positives
 from .storage import StorageOptions, describe_os_error, join, probe_writable, url_to_fs
 from .train import TrainConfig, TrainResult, fit, write_bundle
-from .weights import load_init_weights
+from .weights import InitWeights, load_init_weights
 
 Log = Callable[[str], None]
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -48,44 +48,78 @@ def default_checkpoint(out: str) -> str:
     return join(out.rstrip("/"), CHECKPOINT_FILE)
 
 
+@dataclass
+class Plan:
+    """A training job checked and ready: which rows train, which validate, and from what weights."""
+
+    spec: LabelsSpec
+    table: LabelTable
+    classes: list[str]
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    init: InitWeights | None
+    checkpoint: str
+
+
 def train_from_labels(spec: LabelsSpec, out: str, *, cfg: TrainConfig, pre: Preprocess,
                       classes: Sequence[str] | None = None, weights: str | None = None, name: str | None = None,
                       resume: bool = False, checkpoint: str | None = None, workers: int = 8,
                       weights_dtype: str = "float32", storage_options: StorageOptions = None, log: Log = print,
-                      warn: Log = print) -> Trained:
-    """Read labels, split, load images once, train, calibrate, and write the bundle to `out`."""
+                      warn: Log = print, extra: dict | None = None) -> Trained:
+    """Read labels, split, load images once, train, calibrate, and write the bundle to `out`.
+
+    `extra` goes into the bundle's training record (over the defaults: labels, weights, image counts).
+    """
+    plan = plan_training(spec, out, cfg=cfg, pre=pre, classes=classes, weights=weights, resume=resume,
+                         checkpoint=checkpoint, storage_options=storage_options, log=log, warn=warn)
+    train_x, train_y, val_x, val_y, val_uris = load_split(plan, pre, workers=workers,
+                                                          storage_options=storage_options, warn=warn)
+    log(f"{len(train_y)} training images ({int((train_y.sum(1) == 0).sum())} with no labels), "
+        f"{len(val_y)} validation images, {pre.size} px")
+    result = fit(train_x, train_y, val_x, val_y, pre=pre, cfg=cfg, init=plan.init, log=log,
+                 checkpoint=plan.checkpoint, resume=resume, classes=plan.classes, storage_options=storage_options)
+    init = plan.init
+    record = {"train_images": len(train_y), "val_images": len(val_y), "labels": spec.path,
+              "weights": init.source if init else None, "dropped_keys": init.dropped if init else [],
+              **(extra or {})}
+    bundle = write_bundle(result, out, name=name or _default_name(out), classes=plan.classes, pre=pre, cfg=cfg,
+                          storage_options=storage_options, extra=record, weights_dtype=weights_dtype)
+    _remove(plan.checkpoint, storage_options)
+    return Trained(bundle=bundle, result=result, train_images=len(train_y), val_uris=val_uris)
+
+
+def plan_training(spec: LabelsSpec, out: str, *, cfg: TrainConfig, pre: Preprocess,
+                  classes: Sequence[str] | None, weights: str | None, resume: bool, checkpoint: str | None,
+                  storage_options: StorageOptions, log: Log, warn: Log) -> Plan:
+    """Every check that needs no image: options, labels, split, classes, weights, input size, memory, output."""
     cfg.validate()
     check_arch(cfg.arch)
     table = read_labels(spec, storage_options)
-    classes = _classes(table.classes, classes, spec.path)
-    train_idx, val_idx = split(table, classes, val_fraction=spec.val_fraction, seed=spec.seed)
-    check_positives(multi_hot([table.labels[i] for i in train_idx], classes),
-                    multi_hot([table.labels[i] for i in val_idx], classes), classes, warn)
-    init = load_init_weights(weights, cfg.arch, len(classes), storage_options, warn=warn)
-    log(f"{cfg.arch}, {len(classes)} classes, {init.describe() if init else 'random init'}")
-    check_forward(build_model(cfg.arch, len(classes), None).eval(), cfg.arch, pre.size, len(classes))
-    check_memory(len(train_idx), pre.resize_size, "training images")
+    names = _classes(table.classes, classes, spec.path)
+    train_idx, val_idx = split(table, names, val_fraction=spec.val_fraction, seed=spec.seed)
+    check_positives(multi_hot([table.labels[i] for i in train_idx], names),
+                    multi_hot([table.labels[i] for i in val_idx], names), names, warn)
+    init = load_init_weights(weights, cfg.arch, len(names), storage_options, warn=warn)
+    log(f"{cfg.arch}, {len(names)} classes, {init.describe() if init else 'random init'}")
+    check_forward(build_model(cfg.arch, len(names), None).eval(), cfg.arch, pre.size, len(names))
+    check_memory(len(table.uris), pre.resize_size, "images")
     check_writable(out, storage_options)
     ckpt = checkpoint or default_checkpoint(out)
     _check_checkpoint(ckpt, resume, storage_options, warn)
-    uris = np.array(table.uris, dtype=object)
-    train_x, keep = load_pixels(list(uris[train_idx]), stored_preprocess(pre), storage_options=storage_options,
-                                workers=workers, source=spec.path, warn=warn)
-    train_y = multi_hot([table.labels[i] for i in train_idx[keep]], classes)
-    val_x, keep = load_pixels(list(uris[val_idx]), pre, storage_options=storage_options, workers=workers,
-                              source=spec.path, warn=warn)
-    val_y = multi_hot([table.labels[i] for i in val_idx[keep]], classes)
-    val_uris = [table.uris[i] for i in val_idx[keep]]
-    log(f"{len(train_y)} training images ({int((train_y.sum(1) == 0).sum())} with no labels), "
-        f"{len(val_y)} validation images, {pre.size} px")
-    result = fit(train_x, train_y, val_x, val_y, pre=pre, cfg=cfg, init=init, log=log, checkpoint=ckpt,
-                 resume=resume, classes=classes, storage_options=storage_options)
-    extra = {"train_images": len(train_y), "val_images": len(val_y), "labels": spec.path,
-             "weights": init.source if init else None, "dropped_keys": init.dropped if init else []}
-    bundle = write_bundle(result, out, name=name or _default_name(out), classes=classes, pre=pre, cfg=cfg,
-                          storage_options=storage_options, extra=extra, weights_dtype=weights_dtype)
-    _remove(ckpt, storage_options)
-    return Trained(bundle=bundle, result=result, train_images=len(train_y), val_uris=val_uris)
+    return Plan(spec, table, names, train_idx, val_idx, init, ckpt)
+
+
+def load_split(plan: Plan, pre: Preprocess, *, workers: int, storage_options: StorageOptions,
+               warn: Log) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Decode each image once: training ones as `resize_size` squares, validation ones as tagging sees them."""
+    t, uris, labels = plan.table, np.array(plan.table.uris, dtype=object), plan.table.labels
+    train_x, keep = load_pixels(list(uris[plan.train_idx]), stored_preprocess(pre), storage_options=storage_options,
+                                workers=workers, source=t.source, warn=warn)
+    train_y = multi_hot([labels[i] for i in plan.train_idx[keep]], plan.classes)
+    val_x, keep = load_pixels(list(uris[plan.val_idx]), pre, storage_options=storage_options, workers=workers,
+                              source=t.source, warn=warn)
+    val_y = multi_hot([labels[i] for i in plan.val_idx[keep]], plan.classes)
+    return train_x, train_y, val_x, val_y, [t.uris[i] for i in plan.val_idx[keep]]
 
 
 def _classes(found: list[str], given: Sequence[str] | None, path: str) -> list[str]:
@@ -124,6 +158,8 @@ def has_checkpoint(out: str, storage_options: StorageOptions = None) -> bool:
 
 def _check_checkpoint(url: str, resume: bool, storage_options: StorageOptions, warn: Log) -> None:
     fs, path = url_to_fs(url, storage_options)
+    if resume and not fs.exists(path):
+        raise OptionError(f"no checkpoint at {url} to resume from; run without --resume to start afresh")
     if not resume and fs.exists(path):
         warn(f"starting afresh: the checkpoint {url} of an earlier run will be overwritten (--resume continues it)")
 

@@ -44,7 +44,11 @@ class InitWeights:
 
 def head_keys(arch: str, num_classes: int) -> set[str]:
     """The state-dict keys whose shape depends on the number of classes: the classifier head(s)."""
-    with torch.device("meta"):
+    try:
+        with torch.device("meta"):
+            a = torchvision.models.get_model(arch, weights=None, num_classes=num_classes).state_dict()
+            b = torchvision.models.get_model(arch, weights=None, num_classes=num_classes + 1).state_dict()
+    except NotImplementedError:  # regnets compute their widths with tensors: not on the meta device
         a = torchvision.models.get_model(arch, weights=None, num_classes=num_classes).state_dict()
         b = torchvision.models.get_model(arch, weights=None, num_classes=num_classes + 1).state_dict()
     return {k for k in a if a[k].shape != b[k].shape}
