@@ -81,10 +81,11 @@ def ap_chart(result: dict[str, Any]) -> bytes:
     rows = sorted((r for r in result["per_class"] if r["ap"] is not None), key=lambda r: r["ap"])
     plt, fig, ax = _figure(8, max(2.5, 0.28 * len(rows) + 1))
     ax.barh([f"{r['class']} ({r['positives']})" for r in rows], [r["ap"] for r in rows], color="#4c72b0")
-    ax.axvline(result["mAP"], color="#c44e52", linestyle="--", label=f"mAP {result['mAP']:.3f}")
+    if rows:  # no class with a positive image: no AP, no mAP line
+        ax.axvline(result["mAP"], color="#c44e52", linestyle="--", label=f"mAP {result['mAP']:.3f}")
+        ax.legend(loc="lower right")
     ax.set_xlim(0, 1)
     ax.set_xlabel("average precision (positives in brackets)")
-    ax.legend(loc="lower right")
     return _png(plt, fig)
 
 
@@ -129,7 +130,7 @@ def _fmt(value: Any) -> str:
 def render_html(result: dict[str, Any], charts: dict[str, bytes]) -> str:
     """One self-contained page: summary table, charts, per-class table."""
     settings = [("bundle's thresholds", result["at_thresholds"]), ("0.5", result["at_0.5"]),
-                (f"top-{3}", result["at_top3"])]
+                ("top-3", result["at_top3"])]
     if "override" in result:
         settings.append((result["override"]["rule"], result["override"]))
     keys = ["CP", "CR", "CF1", "OP", "OR", "OF1", "macro_f1", "hamming_loss", "subset_accuracy", "empty_fpr"]

@@ -153,3 +153,14 @@ def test_bad_eval_and_calibrate_input(trained, capsys, tmp_path, args, message):
     assert code == 2 and err.startswith("mlcls: error:")
     assert re.search(message, err), err
     assert (bundle_dir / "bundle.json").read_text() == before
+
+
+def test_eval_on_images_with_no_labels_reports_the_false_positive_rate(trained, capsys, tmp_path):
+    _, labels, bundle_dir = trained
+    rows = [r for r in read_rows(labels) if not r["labels"]]
+    negatives = write_rows(labels.parent / "negatives.csv", rows)
+    assert main(["eval", str(bundle_dir), str(negatives), "--report", str(tmp_path / "r"), "-q"]) == 0
+    assert "classes have no positive image" in capsys.readouterr().err
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert m["mAP"] is None and m["images"] == len(rows) == m["at_thresholds"]["empty_images"]
+    assert 0.0 <= m["at_thresholds"]["empty_fpr"] <= 1.0 and m["at_top3"]["empty_fpr"] == 1.0
