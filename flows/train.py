@@ -21,10 +21,10 @@ from prefect.runtime import task_run
 
 from mlcls import progress
 from mlcls.errors import MlclsError
+from mlcls.eval_report import json_safe
 from mlcls.evaljob import ScoreOptions, eval_bundle
 from mlcls.images import Preprocess
 from mlcls.labels import LabelsSpec
-from mlcls.report import json_safe
 from mlcls.train import TrainConfig
 from mlcls.trainjob import has_checkpoint, train_from_labels
 

@@ -15,10 +15,10 @@ from typing import Any
 from .bundle import Bundle, load_bundle
 from .calibrate import calibrated, calibration_record, write_thresholds
 from .errors import OptionError
+from .eval_report import write_report
 from .evaluate import Scored, missing_positive_classes, read_eval_labels, report_metrics, score_table
 from .labels import LabelsSpec
 from .metrics import MIN_POSITIVES_FOR_OWN_THRESHOLD
-from .report import write_report
 from .storage import StorageOptions, describe_os_error, probe_writable
 from .thresholds import override_rule
 

@@ -18,10 +18,10 @@ import torch
 
 from . import metrics
 from .bundle import Bundle
-from .dataset import load_pixels
 from .engine import get_engine
 from .errors import LabelsError
 from .labels import LabelsSpec, LabelTable, multi_hot, read_labels
+from .pixels import load_pixels
 from .storage import StorageOptions
 from .thresholds import LabelRule
 

@@ -16,7 +16,7 @@ whole run state (model, optimiser, schedule, random generators, best so
 far) is checkpointed after every epoch (`checkpoint.py`), so a run that
 dies resumes where it stopped and ends exactly as an uninterrupted one.
 
-Images are decoded once into uint8 arrays (`dataset.py`) and augmented as
+Images are decoded once into uint8 arrays (`pixels.py`) and augmented as
 tensors on the device (`augment.py`), which keeps a CPU busy with the model
 instead of with JPEG decoding every epoch. Validation images go through the
 exact inference preprocessing, so validation metrics are tagging metrics.
@@ -39,12 +39,12 @@ from . import metrics, progress
 from .augment import Augment, centre
 from .bundle import Bundle, save_bundle
 from .checkpoint import fingerprint, load_checkpoint, save_checkpoint
-from .dataset import stored_preprocess
 from .engine import Normaliser, resolve_device
 from .errors import OptionError
 from .images import Preprocess, resize_crop
 from .labels import multi_hot
 from .losses import LOSSES, auto_pos_weight, make_loss
+from .pixels import stored_preprocess
 from .storage import StorageOptions
 from .weights import InitWeights, head_parameters, init_model
 

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from .bundle import Bundle, build_model, check_arch, check_classes, check_forward
-from .dataset import check_memory, load_pixels, stored_preprocess
 from .errors import BundleError, LabelsError, OptionError
 from .images import Preprocess
 from .labels import LabelsSpec, LabelTable, multi_hot, read_labels, split
 from .labels import check_classes as check_positives
+from .pixels import check_memory, load_pixels, stored_preprocess
 from .storage import StorageOptions, describe_os_error, join, probe_writable, url_to_fs
 from .train import TrainConfig, TrainResult, fit, write_bundle
 from .weights import InitWeights, load_init_weights
