@@ -200,6 +200,27 @@ def read_identities(out: str, model_id: str, storage_options: StorageOptions = N
     return table if table.num_rows else empty
 
 
+def read_errors(out: str, run_id: str, limit: int = 1000,
+                storage_options: StorageOptions = None) -> tuple[list[tuple[str, str]], int]:
+    """Up to `limit` (uri, error) rows a run wrote, and how many there are in all.
+
+    Read back from the parts rather than collected in memory, so a run with
+    millions of images (on many machines) still lists what it could not tag.
+    """
+    import pyarrow.dataset as ds
+
+    parts = list_parts(out, storage_options)
+    if not parts:
+        return [], 0
+    fs, _ = url_to_fs(out, storage_options)
+    dataset = ds.dataset(parts, format="parquet", filesystem=fs)
+    table = dataset.to_table(columns=["uri", "error"],
+                             filter=(ds.field("run_id") == run_id) & ds.field("error").is_valid())
+    table = table.sort_by("uri")
+    rows = list(zip(table["uri"].to_pylist()[:limit], table["error"].to_pylist()[:limit], strict=True))
+    return rows, table.num_rows
+
+
 def check_output(out: str, classes: Sequence[str], mode: ProbsMode, storage_options: StorageOptions = None) -> None:
     """Fail before any work if `out` cannot be written or holds tags of other classes."""
     try:
