@@ -169,6 +169,7 @@ def test_fan_out_to_two_workers_survives_a_killed_worker(tmp_path, tiny_bundle, 
         _print_table(runs)
         _assert_runs(client, runs, victim)
         _assert_cron_scheduled(client)
+        _assert_artifacts(client)
     _assert_output(s3, src, out, n_images=26)
     assert "tagged 25 of 26 new images" in procs.log("parent"), procs.log("parent")
 
@@ -182,6 +183,23 @@ def _assert_runs(client, runs: list, victim) -> None:
     redo = [r for r in completed if shards_of[r.id] == shards_of[victim.id]]
     assert len(redo) == 1 and redo[0].id != victim.id, "the killed run's shards are run again, once"
     assert len(completed) == 7  # 26 images in shards of 4: each shard completed exactly once
+
+
+def _assert_artifacts(client) -> None:
+    """The parent's artifacts: which worker ran each shard group, and the file it could not read."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.fanout import RUNS_ARTIFACT
+    from flows.tag import FAILED_ARTIFACT
+
+    def latest(key: str):
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+        assert found, f"no {key} artifact"
+        return str(found[0].data)
+
+    runs = latest(RUNS_ARTIFACT)
+    assert "worker-a" in runs and "worker-b" in runs and "crashed@worker-b" in runs
+    assert "broken.jpg" in latest(FAILED_ARTIFACT)
 
 
 def _assert_cron_scheduled(client) -> None:
