@@ -79,6 +79,7 @@ def tag_images(
     precision: str = "auto",
     draft: bool = True,
     gpu_decode: float = 1.0,
+    compile: bool = False,
     storage_options: dict[str, Any] | None = None,
     fan_out: Literal["none", "deployment"] = "none",
     shard_deployment: str = SHARD_DEPLOYMENT,
@@ -100,7 +101,7 @@ def tag_images(
     logger = get_run_logger()
     options = pipeline.TagOptions(batch_size=batch_size, device=device, shard_size=shard_size, workers=workers,
                                   max_pixels=max_pixels, probs=probs, precision=precision, draft=draft,
-                                  gpu_decode=gpu_decode).validate()
+                                  gpu_decode=gpu_decode, compile=compile).validate()
     run_id = flow_run.get_id() or pipeline.new_run_id()
     plan = plan_task(source, out, model, options.to_dict(), run_id, storage_options)
     if fan_out == "deployment" and plan.shards:
