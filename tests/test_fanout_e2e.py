@@ -173,6 +173,14 @@ def test_fan_out_to_two_workers_survives_a_killed_worker(tmp_path, tiny_bundle, 
     _assert_output(s3, src, out, n_images=26)
     assert "tagged 25 of 26 new images" in procs.log("parent"), procs.log("parent")
 
+    # the next night: three new images in the bucket; only they are tagged
+    for p in write_images(tmp_path / "new", 3, seed=12, prefix="new"):
+        s3.put(str(p), f"{src}/photos/{p.name}")
+    again = _run([str(BIN / "mlcls"), "tag", f"s3://{src}/photos", "--out", f"s3://{out}/tags", "--model",
+                  f"s3://{models}/tiny", "--shard-size", "4", "--fan-out", "deployment", "-q"], env, timeout=300)
+    assert "tagged 3 of 3 new images" in again and "26 already tagged" in again, again
+    _assert_output(s3, src, out, n_images=29)
+
 
 def _assert_runs(client, runs: list, victim) -> None:
     completed = [r for r in runs if r.state.is_completed()]
@@ -227,6 +235,7 @@ def _assert_output(s3, src: str, out: str, n_images: int) -> None:
     assert df.height == n_images and set(df["uri"]) == listed, "exactly one row per image"
     errors = df.filter(pl.col("error").is_not_null())
     assert errors["uri"].to_list() == [f"s3://{src}/photos/broken.jpg"]
+    s3.invalidate_cache()  # this client listed the output before the last run
     con = duckdb.connect()
     con.register_filesystem(s3)
     rows, uris = con.execute(f"select count(*), count(distinct uri) from read_parquet('s3://{out}/tags/*.parquet')"
