@@ -11,9 +11,9 @@ per-class thresholds, model-like probabilities (most near 0, positives high),
 0.3% error rows of several kinds, and 1% of the images re-tagged by a later
 incremental run (a second row for the same uri with a newer `tagged_at`).
 
-`measure` runs each command in its own process under `/usr/bin/time`-like
-accounting (wall seconds and peak RSS from `resource.getrusage`), and prints
-a Markdown table.
+`measure` runs each command in its own process (wall seconds, and peak RSS
+from `resource.getrusage` in a helper that runs nothing else) and prints a
+Markdown table.
 """
 
 from __future__ import annotations
@@ -91,20 +91,21 @@ def _part_table(rng, ids, names, thresholds, prevalence, mode, meta, error_share
 
 
 def timed(cmd: list[str]) -> tuple[float, int, str]:
-    """Wall seconds, peak RSS (MiB) of the child, and its output."""
+    """Wall seconds and peak RSS (MiB) of `cmd`, run under a fresh helper process that reports its child's."""
     started = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run([sys.executable, __file__, "one", *cmd], capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr}")
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024
+    rss = int(proc.stderr.strip().splitlines()[-1].split()[-1])
     return wall, rss, proc.stdout
 
 
 def measure(datasets: list[str]) -> None:
     mlcls = [sys.executable, "-m", "mlcls.cli"]
+    load = os.getloadavg()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-          f"{platform.platform()}")
+          f"{platform.platform()}; load average {load[0]:.1f} at start")
     print("| dataset | command | wall s | peak RSS MiB |\n| --- | --- | --- | --- |")
     for data in datasets:
         for args in (["stats", data],
@@ -112,15 +113,15 @@ def measure(datasets: list[str]) -> None:
                       "--limit", "50", "--format", "csv"],
                      ["query", data, "--label", "c050", "--format", "parquet", "--out", f"{data}-c050.parquet"],
                      ["query", data, "--sql", "select count(*) as n from tags where list_contains(labels, 'c002')"]):
-            # ru_maxrss of RUSAGE_CHILDREN is the largest child so far: run each in a fresh helper
-            wall, rss, _ = timed([sys.executable, __file__, "one", *mlcls, *args])
-            print(f"| {os.path.basename(data)} | `mlcls {' '.join(args[:1] + args[2:])}` | {wall:.2f} | {rss} |",
-                  flush=True)
+            wall, rss, _ = timed([*mlcls, *args])
+            shown = " ".join(a if " " not in a else repr(a) for a in args[:1] + args[2:])
+            print(f"| {os.path.basename(data)} | `mlcls {shown}` | {wall:.1f} | {rss} |", flush=True)
 
 
 def one(cmd: list[str]) -> None:
-    """Run one command and exit with its status (a fresh parent, so RUSAGE_CHILDREN is that command's)."""
+    """Run one command; its peak RSS (MiB) is the last line on standard error."""
     proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
+    print(f"RSS {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024}", file=sys.stderr)
     sys.exit(proc.returncode)
 
 

@@ -76,8 +76,8 @@ class Batch:
 
     @cached_property
     def by_class(self) -> np.ndarray:
-        """(classes x rows) float32 probabilities. Values of rows that are not `ok` are meaningless;
-        in bounded mode a class a row did not keep is NaN."""
+        """(classes x rows) float32 probabilities, 0 in rows that are not `ok`; in bounded mode NaN
+        where a row did not keep a class."""
         out = np.empty((len(self.classes), self.n), dtype=np.float32)
         if self.bounded:
             out.fill(np.nan)
@@ -87,6 +87,8 @@ class Batch:
         column = self.arrow.column("probs")
         for j in range(len(self.classes)):
             out[j] = _float_values(column.field(j))
+        if not self.ok.all():
+            out[:, ~self.ok] = 0.0
         return out
 
     @cached_property
@@ -173,23 +175,24 @@ class Totals:
         for item in pc.value_counts(batch.arrow.column("model").filter(pa.array(batch.live))).to_pylist():
             self.models[item["values"]] += item["counts"]
         rows, codes = batch.label_codes
+        per_row = np.bincount(rows, minlength=batch.n)
         self.label_counts += np.bincount(codes, minlength=len(self.classes))
-        self.unlabelled += int(ok.sum()) - len(np.unique(rows))
+        self.unlabelled += int(ok.sum()) - int(np.count_nonzero(per_row))
         if batch.bounded:
             _, entry_codes, values = batch.entries
             self.prob_sums += np.bincount(entry_codes, weights=values, minlength=len(self.classes))
             self.prob_counts += np.bincount(entry_codes, minlength=len(self.classes))
         else:
-            self.prob_sums += batch.by_class[:, ok].sum(axis=1, dtype=np.float64)
+            self.prob_sums += batch.by_class.sum(axis=1, dtype=np.float64)  # 0 where not ok
             self.prob_counts += int(ok.sum())
-        self._add_pairs(rows, codes)
+        self._add_pairs(rows, codes, per_row)
 
-    def _add_pairs(self, rows: np.ndarray, codes: np.ndarray) -> None:
+    def _add_pairs(self, rows: np.ndarray, codes: np.ndarray, per_row: np.ndarray) -> None:
         """Count every pair of labels that share an image (a < b), as keys a * C + b."""
         if len(codes) < 2:
             return
-        k = np.bincount(rows)[rows]  # labels in this occurrence's image
-        first = np.searchsorted(rows, rows)  # index of the image's first label
+        k = per_row[rows]  # labels in this occurrence's image
+        first = (np.cumsum(per_row) - per_row)[rows]  # index of the image's first label (rows ascend)
         a = np.repeat(codes, k)
         b = codes[np.repeat(first, k) + _ranges(k)]
         keep = a < b
