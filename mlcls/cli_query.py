@@ -95,7 +95,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     from .dataset import Dataset
     from .query import LabelQuery, check_sql_args, count_matches, label_query, sql
 
-    check_sql_args(args.sql, [args.label, args.not_label, args.min_prob is not None])
+    check_sql_args(args.sql, [args.label, args.not_label, args.min_prob is not None], all_rows=args.all_rows)
     if args.format == "parquet" and not args.result:
         raise OptionError("--format parquet needs --out FILE")
     q = LabelQuery(labels=tuple(args.label), not_labels=tuple(args.not_label), min_prob=args.min_prob,

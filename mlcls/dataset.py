@@ -189,15 +189,18 @@ class Dataset:
         drop = np.empty(0, np.int64) if all_rows else self.superseded()
         offset = 0
         for path in self.parts:
-            with self.open_part(path) as f:
-                pf = pq.ParquetFile(f)
-                n = pf.metadata.num_rows
-                lo, hi = np.searchsorted(drop, [offset, offset + n])
-                local = drop[lo:hi] - offset
-                start = 0
-                for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
-                    yield batch, _live_mask(batch.num_rows, local, start)
-                    start += batch.num_rows
+            try:
+                with self.open_part(path) as f:
+                    pf = pq.ParquetFile(f)
+                    n = pf.metadata.num_rows
+                    lo, hi = np.searchsorted(drop, [offset, offset + n])
+                    local = drop[lo:hi] - offset
+                    start = 0
+                    for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
+                        yield batch, _live_mask(batch.num_rows, local, start)
+                        start += batch.num_rows
+            except (OSError, pa.ArrowException) as err:
+                raise OutputError(f"cannot read {full_uri(self.fs, path)}: {describe_os_error(err)}") from err
             offset += n
 
     @contextmanager

@@ -143,6 +143,9 @@ def _sql_string(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def check_sql_args(statement: str | None, label_args: Sequence[object]) -> None:
+def check_sql_args(statement: str | None, label_args: Sequence[object], *, all_rows: bool = False) -> None:
+    """--sql says everything itself: refuse the options it would silently ignore."""
     if statement is not None and any(label_args):
         raise OptionError("--sql cannot be combined with --label, --not-label or --min-prob: put them in the SQL")
+    if statement is not None and all_rows:
+        raise OptionError("--all-rows does not apply to --sql: query the view tags_all for every stored row")

@@ -153,6 +153,7 @@ def test_query_of_a_real_tagging_run(tmp_path, tiny_bundle, capsys):
     (["query", "{synth}", "--sql", "selec uri frm tags"], "--sql: Parser Error: syntax error"),
     (["query", "{synth}", "--sql", "select nope from tags"], "--sql: Binder Error"),
     (["query", "{synth}", "--sql", "select 1", "--label", "dog"], "--sql cannot be combined with --label"),
+    (["query", "{synth}", "--sql", "select 1", "--all-rows"], "query the view tags_all"),
     (["query", "{synth}", "--label", "dog", "--format", "parquet"], "--format parquet needs --out FILE"),
     (["query", "{synth}", "--min-prob", "2"], "--min-prob must be between 0 and 1"),
     (["query", "{synth}", "--label", "dog", "--not-label", "dog"], "is both a --label and a --not-label"),
