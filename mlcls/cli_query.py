@@ -203,7 +203,7 @@ def format_stats(stats: Any, *, labels: int) -> str:
              "models     " + ", ".join(f"{m} ({n:,})" for m, n in stats.models.items()),
              f"images     {stats.images:,}: {stats.tagged:,} tagged, {errors:,} errors"
              + (f" ({kinds})" if kinds else ""),
-             f"no label   {stats.unlabelled:,} tagged images hold no label",
+             f"no label   {stats.unlabelled:,} of the tagged images (no class at or above its threshold)",
              f"labels     {sum(1 for x in stats.labels if x.images)} of {len(stats.labels)} classes in use"
              + (f" (probabilities {stats.probs}: means over the rows that kept one)" if stats.probs != "all" else "")]
     shown = stats.labels if labels == 0 else stats.labels[:labels]
@@ -243,7 +243,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     data, pages = write_report(args.out, args.report_dir, args.storage_options, labels=args.labels,
                                thumbs=args.thumbs)
     made = sum(1 for v in data.thumbs.values() if v)
+    n_pages = len(pages) - 2
     print(f"wrote {args.report_dir.rstrip('/')}/{pages[0]}: {data.stats.images:,} images, "
-          f"{len(data.detailed)} labels in detail on {len(pages) - 2} pages, {made} thumbnails"
+          f"{len(data.detailed)} labels in detail on {n_pages} page{'' if n_pages == 1 else 's'}, {made} thumbnails"
           + (f" ({len(data.thumbs) - made} sources unreadable)" if made < len(data.thumbs) else ""))
     return 0

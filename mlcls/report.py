@@ -162,9 +162,15 @@ def thumbnail_uris(data: ReportData) -> list[str]:
 
 
 def make_thumbnails(uris: Iterable[str], out_dir: str, storage_options: StorageOptions = None,
-                    workers: int = 8) -> dict[str, str | None]:
-    """Small JPEGs under `out_dir/thumbs/`; maps each uri to its relative path, or None if unreadable."""
+                    workers: int = 8, probe: int = 16) -> dict[str, str | None]:
+    """Small JPEGs under `out_dir/thumbs/`; maps each uri to its relative path, or None if unreadable.
+
+    If the first `probe` sources all fail (moved, deleted, or a store this
+    machine cannot reach), the rest are not tried: each try could wait on a
+    network timeout, and the report is still useful without pictures.
+    """
     fs, base = url_to_fs(out_dir, storage_options)
+    uris = list(uris)
 
     def one(uri: str) -> tuple[str, str | None]:
         name = f"thumbs/{hashlib.sha1(uri.encode()).hexdigest()[:16]}.jpg"
@@ -172,12 +178,15 @@ def make_thumbnails(uris: Iterable[str], out_dir: str, storage_options: StorageO
             src_fs, path = url_to_fs(uri, storage_options)
             data = src_fs.cat_file(path)
             write_atomic(fs, join(base, name), _thumbnail(data))
-        except (OSError, ValueError, Image.DecompressionBombError):
+        except Exception:  # noqa: BLE001 - any failure (I/O, decode, a store's client) only loses this picture
             return uri, None
         return uri, name
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return dict(pool.map(one, list(uris)))
+        made = dict(pool.map(one, uris[:probe]))
+        if uris[:probe] and not any(made.values()):
+            return made | dict.fromkeys(uris[probe:])
+        return made | dict(pool.map(one, uris[probe:]))
 
 
 def _thumbnail(data: bytes) -> bytes:

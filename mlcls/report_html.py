@@ -9,6 +9,7 @@ lets a headless browser check the page.
 
 from __future__ import annotations
 
+import math
 import os
 from html import escape
 
@@ -177,5 +178,6 @@ def _grid(data: ReportData, images: list[tuple[str, float]], title: str, empty: 
         thumb = data.thumbs.get(uri)
         pic = (f'<img src="{escape(thumb)}" alt="{name}">' if thumb
                else '<div class="missing">unreadable</div>')
-        figures.append(f'<figure title="{escape(uri)}">{pic}<figcaption>{p:.3f} {name}</figcaption></figure>')
+        shown = math.floor(p * 1000) / 1000  # truncated: a near miss at 0.4999 must not read as 0.500
+        figures.append(f'<figure title="{escape(uri)}">{pic}<figcaption>{shown:.3f} {name}</figcaption></figure>')
     return f'<h3>{escape(title)}</h3><div class="grid">{"".join(figures)}</div>'

@@ -36,11 +36,11 @@ def bar_chart(items: Sequence[tuple[str, int]], *, width: int = 720, row: int = 
     return "".join(parts)
 
 
-def histogram(counts: Sequence[int], threshold: float | None, *, width: int = 320, height: int = 120,
+def histogram(counts: Sequence[int], threshold: float | None, *, width: int = 340, height: int = 120,
               title: str = "") -> str:
     """Counts of probabilities in equal bins over [0, 1], log-scaled, with the threshold as a red line."""
     bins = len(counts)
-    left, bottom, plot_w, plot_h = 34, 18, width - 44, height - 30
+    left, bottom, plot_w, plot_h = 52, 18, width - 62, height - 30
     top = math.log1p(max(counts, default=0)) or 1.0
     parts = [_open(width, height, title or "probability histogram", "histogram"),
              f'<line x1="{left}" y1="{height - bottom}" x2="{left + plot_w}" y2="{height - bottom}" stroke="#999"/>']
