@@ -13,9 +13,10 @@ applies one rule, so they all answer alike before and after `compact`:
 The other rows are *superseded*: stored until `mlcls compact` drops them,
 never counted. `--all-rows` (and the `tags_all` view) read every stored row.
 
-Finding superseded rows costs one pass over the `uri` column, keeping a 64-bit
-hash per row (8 bytes a row, whatever the class count: 80 MB for 10 million
-rows), then a second pass that keeps only the rows whose hash repeats. The
+Finding superseded rows costs two passes over the `uri` column: the first
+keeps a 64-bit hash per row (8 bytes a row, whatever the class count: 80 MB
+for 10 million rows) to find the hashes that repeat; the second keeps only
+the rows with those hashes. The
 result is a sorted array of global row numbers (parts in order, rows in file
 order) that the polars scan, the Arrow batches, DuckDB and compact all skip.
 """
@@ -163,17 +164,23 @@ class Dataset:
             read += ["probs"] if self.bounded else [f"probs.{c}" for c in probs]
         left = n_rows
         for batch, live in self.batches(read or ["uri"], all_rows=all_rows, batch_rows=batch_size or 65_536):
-            df = pl.from_arrow(batch if live is None else batch.filter(pa.array(live)))
-            assert isinstance(df, pl.DataFrame)
-            df = df.with_columns(prob_expr(self, c, raw=True).alias(prob_name(c)) for c in probs)
+            keep = np.ones(batch.num_rows, dtype=bool) if live is None else live
             if predicate is not None:
-                df = df.filter(predicate)
+                matched = self._frame(batch, probs).select(predicate.fill_null(False)).to_series().to_numpy()
+                keep &= matched.astype(bool)
             if left is not None:
-                df = df.head(left)
-                left -= df.height
-            yield df.select(columns)
+                keep &= np.cumsum(keep) <= left
+                left -= int(keep.sum())
+            # filter in Arrow, then convert: a polars filter keeps every string of the batch alive (string
+            # views into its buffers), which over 10 million rows holds all of them in memory
+            yield self._frame(batch.filter(pa.array(keep)), probs).select(columns)
             if left == 0:
                 return
+
+    def _frame(self, batch: pa.RecordBatch, probs: list[str]) -> pl.DataFrame:
+        df = pl.from_arrow(batch)
+        assert isinstance(df, pl.DataFrame)
+        return df.with_columns(prob_expr(self, c, raw=True).alias(prob_name(c)) for c in probs)
 
     def batches(self, columns: Sequence[str], *, all_rows: bool = False,
                 batch_rows: int = 65_536) -> Iterator[tuple[pa.RecordBatch, np.ndarray | None]]:
@@ -264,44 +271,49 @@ def _prefetch(items: Iterator, depth: int = 2) -> Iterator:
 
 def _find_superseded(dataset: Dataset) -> np.ndarray:
     """Global row numbers of every row that is not its uri's newest (see the module docstring)."""
-    hashes = np.concatenate([pl.Series(batch.column("uri")).hash().to_numpy()
-                             for batch, _ in dataset.batches(["uri"], all_rows=True)] or [np.empty(0, np.uint64)])
-    ordered = np.sort(hashes)
-    repeated = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
-    del ordered
+    hashes = np.empty(sum(dataset.row_counts()), np.uint64)
+    offset = 0
+    for batch, _ in dataset.batches(["uri"], all_rows=True):
+        hashes[offset:offset + batch.num_rows] = _uri_hashes(batch)
+        offset += batch.num_rows
+    hashes.sort()  # in place: 8 bytes a row is all this pass holds
+    repeated = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
+    del hashes
     if not len(repeated):
         return np.empty(0, np.int64)
-    candidates = _positions_in(hashes, repeated)
-    del hashes
-    rows = _rows_at(dataset, candidates, ["uri", "tagged_at", "run_id", "model"])
+    rows = _rows_with_hashes(dataset, repeated, ["uri", "tagged_at", "run_id", "model"])
     rows = rows.filter(pl.col("uri").is_duplicated())  # a hash that repeats for different uris is no duplicate
     newest = rows.sort(list(NEWEST_FIRST), descending=True, nulls_last=True).unique("uri", keep="first")
     hidden = rows.filter(~pl.col("_row").is_in(newest["_row"].implode()))["_row"]
     return np.sort(hidden.to_numpy())
 
 
+def _uri_hashes(batch: pa.RecordBatch) -> np.ndarray:
+    return pl.Series(batch.column("uri")).hash().to_numpy()
+
+
+def _rows_with_hashes(dataset: Dataset, hashes: np.ndarray, columns: list[str]) -> pl.DataFrame:
+    """`columns` of every row whose uri hash is in the sorted `hashes`, with its global row number as `_row`."""
+    frames = []
+    offset = 0
+    for batch, _ in dataset.batches(columns, all_rows=True):
+        local = _positions_in(_uri_hashes(batch), hashes)
+        if len(local):
+            picked = pl.from_arrow(batch.take(pa.array(local)))
+            assert isinstance(picked, pl.DataFrame)
+            frames.append(picked.with_columns(_row=pl.Series(local + offset, dtype=pl.Int64)))
+        offset += batch.num_rows
+    return pl.concat(frames)
+
+
 def _positions_in(values: np.ndarray, sorted_set: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
-    """Positions of `values` that occur in `sorted_set`, in chunks (np.isin would copy and sort all of it)."""
+    """Positions of `values` that occur in `sorted_set`, in chunks (np.isin would sort a copy of all of it)."""
     found = []
     for start in range(0, len(values), chunk):
         part = values[start:start + chunk]
         at = np.minimum(np.searchsorted(sorted_set, part), len(sorted_set) - 1)
         found.append(np.flatnonzero(sorted_set[at] == part) + start)
     return np.concatenate(found)
-
-
-def _rows_at(dataset: Dataset, rows: np.ndarray, columns: list[str]) -> pl.DataFrame:
-    """`columns` of the rows at these sorted global row numbers, with their number as `_row`."""
-    frames = []
-    offset = 0
-    for batch, _ in dataset.batches(columns, all_rows=True):
-        lo, hi = np.searchsorted(rows, [offset, offset + batch.num_rows])
-        if hi > lo:
-            picked = pl.from_arrow(batch.take(pa.array(rows[lo:hi] - offset)))
-            assert isinstance(picked, pl.DataFrame)
-            frames.append(picked.with_columns(_row=pl.Series(rows[lo:hi], dtype=pl.Int64)))
-        offset += batch.num_rows
-    return pl.concat(frames)
 
 
 def _read_meta(fs: AbstractFileSystem, part: str, out: str) -> dict[str, Any]:
