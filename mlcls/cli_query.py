@@ -123,9 +123,10 @@ def emit(df: pl.DataFrame, fmt: str, dest: str | None, storage_options: Any, *, 
     if fmt == "table":
         more = shown is not None and (df.height > shown or (total is not None and total > shown))
         text = _table(df.head(shown) if shown is not None else df)
-        if more:
-            count = f"{total:,}" if total is not None else "more"
-            text += f"\n{shown} of {count} rows shown; use --limit N or --format csv for more"
+        if more and total is not None:
+            text += f"\n{shown} of {total:,} rows shown; use --limit N or --format csv for more"
+        elif more:
+            text += f"\nthe first {shown} rows shown; use --limit N or --format csv for more"
         else:
             text += f"\n{df.height:,} rows"
         _write_text(text + "\n", dest, storage_options)

@@ -16,9 +16,9 @@ never counted. `--all-rows` (and the `tags_all` view) read every stored row.
 Finding superseded rows costs two passes over the `uri` column: the first
 keeps a 64-bit hash per row (8 bytes a row, whatever the class count: 80 MB
 for 10 million rows) to find the hashes that repeat; the second keeps only
-the rows with those hashes. The
-result is a sorted array of global row numbers (parts in order, rows in file
-order) that the polars scan, the Arrow batches, DuckDB and compact all skip.
+the rows with those hashes. The result is a sorted array of global row
+numbers (parts in order, rows in file order) that the polars scan, the
+Arrow batches, DuckDB and compact all skip.
 """
 
 from __future__ import annotations
@@ -313,7 +313,7 @@ def _positions_in(values: np.ndarray, sorted_set: np.ndarray, chunk: int = 1 << 
         part = values[start:start + chunk]
         at = np.minimum(np.searchsorted(sorted_set, part), len(sorted_set) - 1)
         found.append(np.flatnonzero(sorted_set[at] == part) + start)
-    return np.concatenate(found)
+    return np.concatenate(found) if found else np.empty(0, np.int64)
 
 
 def _read_meta(fs: AbstractFileSystem, part: str, out: str) -> dict[str, Any]:

@@ -81,6 +81,11 @@ def test_bounded_probabilities_query_the_same_way(synth_bounded, case):
     assert got["uri"].to_list() == [u for u, _ in expected(synth_bounded, **case)]
 
 
+def test_sql_reads_bounded_probabilities_by_name(synth_bounded):
+    n = sql(Dataset.open(synth_bounded), "select count(*) n from tags where probs['dog'] >= 0.5").column("n")[0]
+    assert n.as_py() == sum((prob(r, "dog") or 0) >= 0.5 for r in newest_rows(synth_bounded).values()) > 0
+
+
 def test_reading_rule_hides_superseded_rows_and_all_rows_shows_them(synth):
     ds = Dataset.open(synth)
     stored, newest = stored_rows(synth), newest_rows(synth)
@@ -121,6 +126,9 @@ def test_cli_formats_round_trip(synth, tmp_path, capsys):
     assert want[0] in table and want[3] not in table and "3 rows" in table
     assert main(args) == 0  # a table without --limit shows 20 and says how many match
     assert f"20 of {len(want)} rows shown" in capsys.readouterr().out
+    assert main(["query", synth, "--sql", "select uri from tags order by uri"]) == 0
+    table = capsys.readouterr().out
+    assert "the first 20 rows shown" in table and sorted(newest_rows(synth))[19] in table
 
 
 def test_query_of_a_real_tagging_run(tmp_path, tiny_bundle, capsys):
