@@ -187,8 +187,8 @@ class Dataset:
         """Arrow record batches of `columns`, part by part, each with its live-row mask (None: all live).
 
         Superseded rows are masked rather than filtered out, so a batch is never
-        copied; memory stays about two batches (the next is read while the
-        caller works on this one).
+        copied; memory stays about one row group being decoded plus two
+        batches (the next is read while the caller works on this one).
         """
         return _prefetch(self._batches(list(columns), all_rows, batch_rows))
 

@@ -2,7 +2,8 @@
 
 The pass reads `labels`, `probs`, `error`, `model` (and `uri` when a consumer
 asks for it) as Arrow batches under the reading rule (`Dataset.batches`), so
-memory is one batch whatever the dataset's size. Each batch is decoded once
+memory is about one Parquet row group of those columns, whatever the
+dataset's size. Each batch is decoded once
 into numpy (`Batch`: label codes, a dense probability matrix) and handed to
 the accumulators: `Totals` here for `mlcls stats`, and the report's
 histograms and thumbnail pickers (`mlcls.report`) in the same pass.
@@ -90,10 +91,6 @@ class Batch:
         if not self.ok.all():
             out[:, ~self.ok] = 0.0
         return out
-
-    @cached_property
-    def uris(self) -> np.ndarray:
-        return np.asarray(self.arrow.column("uri").to_pylist(), dtype=object)
 
 
 def _float_values(array: pa.Array) -> np.ndarray:
