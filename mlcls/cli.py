@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_tag(sub)
     _add_bundle(sub)
+    from .cli_query import add_commands
+
+    add_commands(sub)
     return parser
 
 
