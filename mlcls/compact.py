@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 
 from .dataset import Dataset
 from .errors import OptionError, OutputError
-from .output import INTERNAL_DIR, META_KEY
+from .output import INTERNAL_DIR, META_KEY, dictionary_columns
 from .storage import StorageOptions, describe_os_error, is_local, join, url_to_fs, write_atomic
 
 JOURNAL_DIR = "compact"
@@ -196,7 +196,7 @@ def write_merged(dataset: Dataset, plan: Plan, merge: Merge, path: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            with pq.ParquetWriter(f, schema, compression="zstd", use_dictionary=_dictionary_columns(schema)) as writer:
+            with pq.ParquetWriter(f, schema, compression="zstd", use_dictionary=dictionary_columns(schema)) as writer:
                 for table in _merged_tables(dataset, plan, merge, schema):
                     writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
             f.flush()
@@ -233,18 +233,6 @@ def _merged_tables(dataset: Dataset, plan: Plan, merge: Merge, schema: pa.Schema
                     pending, pending_rows = [], 0
     if pending_rows:
         yield pa.concat_tables(pending)
-
-
-def _dictionary_columns(schema: pa.Schema) -> list[str]:
-    """Dictionary-encode the text columns only: on probabilities it makes files a third larger and reads
-    about 30% slower (measured on 100 classes), as no two floats repeat."""
-    names = []
-    for f in schema:
-        if pa.types.is_string(f.type) or pa.types.is_large_string(f.type):
-            names.append(f.name)
-        elif pa.types.is_list(f.type) and pa.types.is_string(f.type.value_type):
-            names.append(f"{f.name}.list.element")
-    return names
 
 
 def _schema_of(dataset: Dataset, path: str) -> pa.Schema:
