@@ -1,26 +1,37 @@
-"""The `tag-images` flow: the library's job steps as Prefect tasks.
+"""The `tag-images` and `tag-shard` flows: the library's job steps as Prefect tasks.
 
 Thin by design: every step is a call into `mlcls.pipeline`. Prefect adds
-what it is for: typed parameters, retries per shard, logs, a summary
-artifact, and the run in the UI. Tasks take and return small values (a
-shard's id and manifest URL, a per-shard summary); models and clients stay in
-the per-process caches of the library, never in task inputs.
+what it is for: typed parameters, retries per shard, logs, artifacts, the
+run in the UI, and (with `fan_out="deployment"`) the distribution of shards
+to workers on any number of machines (see `flows/fanout.py`). Tasks take and
+return small values (a shard's id and manifest URL, a per-shard summary);
+models and clients stay in the per-process caches of the library, never in
+task inputs.
 """
 
 from __future__ import annotations
 
+import os
+import socket
+import threading
 import time
-from typing import Any
+from dataclasses import asdict
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NONE
+from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run
 
-from mlcls import pipeline
+from mlcls import output, pipeline, progress
 from mlcls.shards import Plan, Shard
 
 SUMMARY_ARTIFACT = "tag-images-summary"
+FAILED_ARTIFACT = "tag-images-failed"
+FAILED_IMAGES_SHOWN = 1000
+SHARD_DEPLOYMENT = "tag-shard/tag-shard"
+PROGRESS_LOG_SECONDS = 15.0
 
 
 @task(name="plan", cache_policy=NONE, retries=1, retry_delay_seconds=5)
@@ -43,12 +54,13 @@ def tag_shard_task(shard: Shard, model: str | None, out: str, options: dict[str,
                    storage_options: dict[str, Any] | None) -> pipeline.ShardResult:
     """Tag one shard and write its part file. Unreadable images are rows, not failures."""
     logger = get_run_logger()
-    result = pipeline.tag_shard(shard, model=model, out=out, options=pipeline.TagOptions.from_dict(options),
-                                run_id=run_id, storage_options=storage_options)
+    with _progress_logs(logger, shard):
+        result = pipeline.tag_shard(shard, model=model, out=out, options=pipeline.TagOptions.from_dict(options),
+                                    run_id=run_id, storage_options=storage_options)
     rate = result.images / result.seconds if result.seconds else 0.0
     logger.info("shard %s: %d images, %d errors, %.1f s, %.1f images/s -> %s", shard.id, result.images,
                 result.errors, result.seconds, rate, result.part)
-    for uri, error in result.error_sample[:5]:
+    for uri, error in result.error_sample:
         logger.warning("could not tag %s: %s", uri, error)
     return result
 
@@ -66,29 +78,40 @@ def tag_images(
     probs: str = "all",
     precision: str = "auto",
     draft: bool = True,
+    gpu_decode: float = 1.0,
+    compile: bool = False,
     storage_options: dict[str, Any] | None = None,
+    fan_out: Literal["none", "deployment"] = "none",
+    shard_deployment: str = SHARD_DEPLOYMENT,
+    shards_per_run: int = 1,
+    max_attempts: int = 3,
 ) -> dict[str, Any]:
     """Tag every new or changed image of `source` into the Parquet dataset at `out`.
 
     `model` is a bundle path or URL (default: the embedded demo bundle).
-    Shards run one after another on this process's device; a failed shard is
-    retried, and if it still fails the others finish and the run fails at the
-    end, naming it. Returns the run summary.
+    With `fan_out="none"` shards run one after another in this process; with
+    `"deployment"` they become flow runs of `shard_deployment`
+    (`shards_per_run` shards each) for workers on any machine to pull, and
+    runs that fail or crash are submitted again up to `max_attempts` times
+    (fan-out needs an output every worker can reach, such as S3). A shard
+    that still fails does not stop the others; the run fails at the end,
+    naming it. Returns the run summary.
     """
     started = time.perf_counter()
     logger = get_run_logger()
     options = pipeline.TagOptions(batch_size=batch_size, device=device, shard_size=shard_size, workers=workers,
-                                  max_pixels=max_pixels, probs=probs, precision=precision, draft=draft).validate()
+                                  max_pixels=max_pixels, probs=probs, precision=precision, draft=draft,
+                                  gpu_decode=gpu_decode, compile=compile).validate()
     run_id = flow_run.get_id() or pipeline.new_run_id()
     plan = plan_task(source, out, model, options.to_dict(), run_id, storage_options)
-    results, failed = [], []
-    for shard in plan.shards:
-        state = tag_shard_task(shard, model, out, options.to_dict(), run_id, storage_options, return_state=True)
-        if state.is_completed():
-            results.append(state.result())
-        else:
-            failed.append(shard.id)
-            logger.error("shard %s failed after retries: %s", shard.id, state.message)
+    if fan_out == "deployment" and plan.shards:
+        from flows.fanout import fan_out as fan_out_shards
+
+        results, failed = fan_out_shards(plan.shards, deployment=shard_deployment, model=model, out=out,
+                                         options=options.to_dict(), run_id=run_id, storage_options=storage_options,
+                                         shards_per_run=shards_per_run, max_attempts=max_attempts)
+    else:
+        results, failed = _run_here(plan, model, out, options, run_id, storage_options)
     bundle = pipeline.get_bundle(model, storage_options)
     summary = pipeline.summarize(plan, results, source=pipeline.describe_source(source), out=out,
                                  model_id=bundle.model_id, seconds=time.perf_counter() - started,
@@ -97,12 +120,102 @@ def tag_images(
     if plan.shards:
         create_table_artifact(key=SUMMARY_ARTIFACT, table=summary_table(summary),
                               description=summary_markdown(summary))
+    if summary.errors:
+        failed_images_artifact(out, run_id, storage_options)
     logger.info("%d new images: %d tagged, %d errors, %.1f images/s", summary.new, summary.tagged,
                 summary.errors, summary.images_per_second)
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(plan.shards)} shards failed ({', '.join(failed[:5])}); "
                            "their images are not in the output; run again to retry them")
     return summary.to_dict()
+
+
+def _run_here(plan: Plan, model: str | None, out: str, options: pipeline.TagOptions, run_id: str,
+              storage_options: dict[str, Any] | None) -> tuple[list[pipeline.ShardResult], list[str]]:
+    """Shards one after another on this process's device."""
+    logger = get_run_logger()
+    results, failed = [], []
+    for shard in plan.shards:
+        state = tag_shard_task(shard, model, out, options.to_dict(), run_id, storage_options, return_state=True)
+        if state.is_completed():
+            results.append(state.result())
+        else:
+            failed.append(shard.id)
+            logger.error("shard %s failed after retries: %s", shard.id, state.message)
+    return results, failed
+
+
+@flow(name="tag-shard", log_prints=False)
+def tag_shard(
+    shards: list[dict[str, Any]],
+    out: str,
+    run_id: str,
+    model: str | None = None,
+    options: dict[str, Any] | None = None,
+    storage_options: dict[str, Any] | None = None,
+    device_slot: str | None = None,
+) -> list[dict[str, Any]]:
+    """Tag shards planned by a `tag-images` run (its fan-out), one after another.
+
+    Holds the global concurrency limit `device_slot` (default
+    `mlcls-device-<host>-<gpu>`) while it works, so two runs never share a
+    GPU even when several workers serve one box; create that limit with
+    `prefect gcl create ... --limit 1` (without it, no limit applies). Each
+    shard's result is written next to the data, where the parent reads it.
+    """
+    opts = pipeline.TagOptions.from_dict(options)
+    slot = device_slot or default_device_slot(opts.device)
+    results = []
+    with concurrency(slot, occupy=1, strict=False):
+        for raw in shards:
+            shard = Shard(**raw)
+            result = tag_shard_task(shard, model, out, opts.to_dict(), run_id, storage_options)
+            pipeline.save_shard_result(out, run_id, result, storage_options)
+            results.append(asdict(result))
+    return results
+
+
+def default_device_slot(device: str) -> str:
+    """One name per accelerator: host and first visible GPU (or `cpu`)."""
+    gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
+    kind = "cpu" if device == "cpu" else f"gpu{gpu}"
+    return f"mlcls-device-{socket.gethostname()}-{kind}"
+
+
+class _progress_logs:
+    """Log a shard's progress (images done, images/s) every PROGRESS_LOG_SECONDS while it runs."""
+
+    def __init__(self, logger: Any, shard: Shard) -> None:
+        self.logger, self.shard = logger, shard
+        self.done = 0
+        self.started = self.last = time.perf_counter()
+        self.lock = threading.Lock()
+
+    def __call__(self, event: progress.Event) -> None:
+        if event.kind != "images" or event.shard != self.shard.id:
+            return
+        with self.lock:
+            self.done += event.count
+            now = time.perf_counter()
+            if now - self.last >= PROGRESS_LOG_SECONDS:
+                self.last = now
+                self.logger.info("shard %s: %d/%d images, %.1f images/s", self.shard.id, self.done,
+                                 self.shard.count, self.done / (now - self.started))
+
+    def __enter__(self) -> _progress_logs:
+        self.unsubscribe = progress.subscribe(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.unsubscribe()
+
+
+def failed_images_artifact(out: str, run_id: str, storage_options: dict[str, Any] | None) -> None:
+    """List the images this run could not tag (read back from the output, capped) in the UI."""
+    rows, total = output.read_errors(out, run_id, FAILED_IMAGES_SHOWN, storage_options)
+    more = f" (the first {len(rows)}; all are rows with an `error` in the dataset)" if total > len(rows) else ""
+    create_table_artifact(key=FAILED_ARTIFACT, table=[{"uri": u, "error": e} for u, e in rows],
+                          description=f"**{total}** images could not be tagged{more}.")
 
 
 def summary_table(summary: pipeline.RunSummary) -> list[dict[str, Any]]:

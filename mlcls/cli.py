@@ -16,7 +16,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
-from .cli_train import add_commands as add_train_commands
 from .errors import MlclsError
 
 EXIT_FAILED = 1
@@ -48,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_tag(sub)
     _add_bundle(sub)
+    from .cli_query import add_commands
+    from .cli_train import add_commands as add_train_commands
+
+    add_commands(sub)
     add_train_commands(sub)
     return parser
 
@@ -68,6 +71,18 @@ def _add_tag(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--probs", default="all", help="probabilities kept: all, top-k:N or min:P (default: all)")
     p.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16 (auto: fp32 on CPU)")
     p.add_argument("--no-draft", action="store_true", help="decode JPEGs at full size (slower, no draft mode)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model: faster steady state after a compile of 20-70 s (cached "
+                        "across runs by torch); worth it for long runs, see bench/RESULTS.md")
+    p.add_argument("--gpu-decode", type=float, default=1.0, metavar="SHARE",
+                   help="on CUDA, the share of JPEGs decoded on the GPU (nvJPEG); the rest on CPU workers "
+                        "(default 1.0)")
+    p.add_argument("--fan-out", choices=["none", "deployment"], default="none",
+                   help="deployment: submit shards as flow runs of --shard-deployment for Prefect workers on "
+                        "any machine (needs PREFECT_API_URL and an output all workers reach, e.g. S3)")
+    p.add_argument("--shard-deployment", default="tag-shard/tag-shard", help="deployment that tags shards "
+                   "(default: tag-shard/tag-shard from deployments/prefect.yaml)")
+    p.add_argument("--shards-per-run", type=int, default=1, help="shards per fanned-out flow run (default 1)")
     p.add_argument("--storage-options", type=_json_object, default=None, metavar="JSON",
                    help='fsspec options for every URL, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'')
     p.add_argument("--no-prefect", action="store_true", help="run in this process without Prefect (same output)")
@@ -119,7 +134,8 @@ def _tag_options(args: argparse.Namespace) -> Any:
 
     return TagOptions(batch_size=args.batch_size, device=args.device, workers=args.workers,
                       shard_size=args.shard_size, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
-                      probs=args.probs, precision=args.precision, draft=not args.no_draft).validate()
+                      probs=args.probs, precision=args.precision, draft=not args.no_draft,
+                      gpu_decode=args.gpu_decode, compile=args.compile).validate()
 
 
 def cmd_tag(args: argparse.Namespace) -> int:
@@ -129,6 +145,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
     from .sources import check_source
 
     options = _tag_options(args)
+    _check_fan_out(args)
     resolve_device(options.device)
     check_source(args.source, args.storage_options)  # then bundle and output: all before any work
     pipeline.open_run(args.out, args.model, options, args.storage_options)
@@ -140,6 +157,18 @@ def cmd_tag(args: argparse.Namespace) -> int:
     summary = pipeline.RunSummary(**{k: v for k, v in summary_dict.items() if k != "images_per_second"})
     print_summary(summary)
     return EXIT_FAILED if summary.failed_shards else 0
+
+
+def _check_fan_out(args: argparse.Namespace) -> None:
+    if args.fan_out == "none":
+        return
+    if args.no_prefect:
+        raise MlclsError("--fan-out deployment runs shards on Prefect workers; drop --no-prefect")
+    if not os.environ.get("PREFECT_API_URL"):
+        raise MlclsError("--fan-out deployment needs a Prefect server with workers: set PREFECT_API_URL "
+                         "(see 'Running at scale' in the README)")
+    if args.shards_per_run < 1:
+        raise MlclsError(f"--shards-per-run must be at least 1, not {args.shards_per_run}")
 
 
 def _run_flow(args: argparse.Namespace, options: Any) -> dict[str, Any]:
@@ -164,7 +193,10 @@ def _call_flow(tag_images: Any, args: argparse.Namespace, options: Any) -> dict[
     return tag_images(source=args.source, out=args.out, model=args.model, batch_size=options.batch_size,
                       device=options.device, shard_size=options.shard_size, workers=options.workers,
                       max_pixels=options.max_pixels, probs=options.probs, precision=options.precision,
-                      draft=options.draft, storage_options=args.storage_options)
+                      draft=options.draft, gpu_decode=options.gpu_decode, compile=options.compile,
+                      storage_options=args.storage_options,
+                      fan_out=args.fan_out, shard_deployment=args.shard_deployment,
+                      shards_per_run=args.shards_per_run)
 
 
 def cmd_bundle_create(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import (
@@ -21,7 +22,9 @@ from rich.progress import (
 from rich.text import Text
 
 from . import progress
-from .pipeline import RunSummary
+
+if TYPE_CHECKING:  # a type only: `mlcls query` and friends start without importing torch
+    from .pipeline import RunSummary
 
 console = Console(stderr=True, highlight=False)
 out_console = Console(highlight=False)

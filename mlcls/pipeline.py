@@ -248,6 +248,27 @@ def _shard_result(shard: Shard, records, decoded, hits: np.ndarray, classes) -> 
     )
 
 
+def save_shard_result(out: str, run_id: str, result: ShardResult, storage_options: StorageOptions = None) -> None:
+    """Record a shard's result next to the data, where a fan-out parent on any machine can read it."""
+    fs, base = url_to_fs(run_dir(out, run_id), storage_options)
+    write_atomic(fs, join(base, "results", f"{result.shard}.json"), json.dumps(asdict(result)).encode())
+
+
+def load_shard_results(out: str, run_id: str, shard_ids: Sequence[str],
+                       storage_options: StorageOptions = None) -> dict[str, ShardResult]:
+    """The recorded results of these shards (missing ones are left out)."""
+    fs, base = url_to_fs(run_dir(out, run_id), storage_options)
+    found = {}
+    for sid in shard_ids:
+        try:
+            d = json.loads(fs.cat_file(join(base, "results", f"{sid}.json")))
+        except FileNotFoundError:
+            continue
+        d["error_sample"] = [tuple(e) for e in d.get("error_sample", [])]
+        found[sid] = ShardResult(**d)
+    return found
+
+
 def summarize(plan: Plan, results: Sequence[ShardResult], *, source: str, out: str, model_id: str,
               seconds: float, failed_shards: Sequence[str] = ()) -> RunSummary:
     labels: Counter[str] = Counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import socket
 from collections.abc import Iterator
@@ -125,6 +126,7 @@ def s3_server() -> Iterator[str]:
     """A real S3-protocol server (moto's server mode) on 127.0.0.1; s3fs reaches it via AWS_ENDPOINT_URL."""
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one access-log line per S3 request otherwise
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()

@@ -26,7 +26,7 @@ def _artifact(key: str):
 
 
 def test_flow_tags_in_shards_and_reports(tmp_path, tiny_bundle, prefect_api):
-    from flows.tag import SUMMARY_ARTIFACT, tag_images
+    from flows.tag import FAILED_ARTIFACT, SUMMARY_ARTIFACT, tag_images
 
     write_images(tmp_path / "src", 14)
     (tmp_path / "src" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
@@ -40,6 +40,8 @@ def test_flow_tags_in_shards_and_reports(tmp_path, tiny_bundle, prefect_api):
     artifacts = _artifact(SUMMARY_ARTIFACT)
     assert artifacts, "the summary table artifact was not created"
     assert '"images"' in str(artifacts[0].data) or "images" in str(artifacts[0].data)
+    failed = _artifact(FAILED_ARTIFACT)
+    assert failed and "broken.jpg" in str(failed[0].data) and "decode" in str(failed[0].data)
 
     again = tag_images(source=str(tmp_path / "src"), out=str(tmp_path / "out"), model=tiny_bundle, shard_size=5)
     assert (again["new"], again["already_done"]) == (0, 15)
@@ -79,3 +81,14 @@ def test_a_failing_shard_does_not_lose_the_others(tmp_path, tiny_bundle, prefect
                             shard_size=3)
     assert calls.count(calls[1]) == 3  # tried, then retried twice
     assert pl.read_parquet(f"{tmp_path}/out/*.parquet").height == 6
+
+
+def test_fan_out_fails_fast_without_the_shard_deployment(tmp_path, tiny_bundle, prefect_api):
+    from flows.tag import tag_images
+    from mlcls.errors import MlclsError
+
+    write_images(tmp_path / "src", 3)
+    with pytest.raises(MlclsError, match="deployment 'nope/nope' not found"):
+        tag_images(source=str(tmp_path / "src"), out=str(tmp_path / "out"), model=tiny_bundle,
+                   fan_out="deployment", shard_deployment="nope/nope")
+    assert not list_parts(str(tmp_path / "out"))

@@ -1,0 +1,32 @@
+# mlcls runtime image: a Prefect worker that tags shards on a GPU (or the CPU).
+#
+#   docker build -t mlcls .
+#   docker run --gpus all -e PREFECT_API_URL=http://prefect:4200/api mlcls
+#
+# PyPI's Linux torch wheels bundle CUDA (the nvidia-* packages), so a slim
+# Python base is enough: the host's driver comes in through the NVIDIA
+# container toolkit (`--gpus`, or `nvidia.com/gpu` on Kubernetes).
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PREFECT_SERVER_ANALYTICS_ENABLED=false \
+    # heartbeats let the server mark a run Crashed when this container dies (flows/setup.py)
+    PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30
+
+WORKDIR /opt/mlcls
+
+# torch first, in its own layer: it is most of the image and changes least.
+RUN pip install torch==2.14.1 torchvision==0.29.1
+
+COPY pyproject.toml README.md ./
+COPY mlcls ./mlcls
+COPY flows ./flows
+COPY deployments ./deployments
+RUN pip install . && useradd --create-home --uid 1000 mlcls
+USER mlcls
+
+# One flow run at a time: one worker per GPU (a concurrency limit guards the device as well).
+CMD ["prefect", "worker", "start", "--pool", "mlcls-gpu", "--limit", "1"]
