@@ -19,7 +19,7 @@ def test_train_eval_calibrate_on_s3(tmp_path, s3, capsys):
     torch.set_num_threads(1)
     src, models, out = s3.buckets["src"], s3.buckets["models"], s3.buckets["out"]
     labels = write_shapes(tmp_path / "data", n=64)
-    s3.put(str(labels.parent / "images") + "/", f"{src}/photos/", recursive=True)
+    s3.put(str(labels.parent / "images") + "/", f"{src}/photos/images/", recursive=True)
     s3.put(str(labels), f"{out}/meta/labels.csv")
     try:
         code = main(["train", f"s3://{out}/meta/labels.csv", "--images", f"s3://{src}/photos",
@@ -41,7 +41,7 @@ def test_train_eval_calibrate_on_s3(tmp_path, s3, capsys):
         again = load_bundle(f"s3://{models}/mine")
         assert again.digest != bundle.digest and again.metrics["thresholds"]["images"] == 64
 
-        s3.rm(f"{src}/photos/000003.jpg")
+        s3.rm(f"{src}/photos/images/000003.jpg")
         code = main(["train", f"s3://{out}/meta/labels.csv", "--images", f"s3://{src}/photos",
                      "--out", f"s3://{models}/other", *TRAIN_ARGS])
         assert code == 2 and "000003.jpg" in capsys.readouterr().err
