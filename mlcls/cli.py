@@ -83,8 +83,7 @@ def _add_tag(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-deployment", default="tag-shard/tag-shard", help="deployment that tags shards "
                    "(default: tag-shard/tag-shard from deployments/prefect.yaml)")
     p.add_argument("--shards-per-run", type=int, default=1, help="shards per fanned-out flow run (default 1)")
-    p.add_argument("--storage-options", type=_json_object, default=None, metavar="JSON",
-                   help='fsspec options for every URL, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'')
+    add_storage_options(p)
     p.add_argument("--no-prefect", action="store_true", help="run in this process without Prefect (same output)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="show Prefect's logs")
@@ -116,6 +115,12 @@ def _add_bundle(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(handler=cmd_bundle_show)
     a = bsub.add_parser("archs", help="list the torchvision architectures a bundle can use")
     a.set_defaults(handler=cmd_bundle_archs)
+
+
+def add_storage_options(p: argparse.ArgumentParser) -> None:
+    """`--storage-options JSON`, the same on every command that reads or writes URLs."""
+    p.add_argument("--storage-options", type=_json_object, default=None, metavar="JSON",
+                   help='fsspec options for every URL, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'')
 
 
 def _json_object(text: str) -> dict[str, Any]:

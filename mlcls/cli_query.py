@@ -16,6 +16,7 @@ from typing import Any
 
 import polars as pl
 
+from .cli import add_storage_options
 from .errors import OptionError
 
 FORMATS = ("table", "csv", "json", "parquet")
@@ -28,13 +29,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _add_stats(sub)
     _add_compact(sub)
     _add_report(sub)
-
-
-def _storage_options(p: argparse.ArgumentParser) -> None:
-    from .cli import _json_object
-
-    p.add_argument("--storage-options", type=_json_object, default=None, metavar="JSON",
-                   help='fsspec options for URLs, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'')
 
 
 def _add_query(sub: argparse._SubParsersAction) -> None:
@@ -53,7 +47,7 @@ def _add_query(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", dest="result", default=None, metavar="FILE",
                    help="write the result to FILE (path or URL) instead of standard output")
     p.add_argument("--all-rows", action="store_true", help="read every stored row, superseded ones included")
-    _storage_options(p)
+    add_storage_options(p)
     p.set_defaults(handler=cmd_query)
 
 
@@ -64,7 +58,7 @@ def _add_stats(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pairs", type=int, default=10, help="co-occurring label pairs to list (default 10)")
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.add_argument("--all-rows", action="store_true", help="count every stored row, superseded ones included")
-    _storage_options(p)
+    add_storage_options(p)
     p.set_defaults(handler=cmd_stats)
 
 
@@ -76,7 +70,7 @@ def _add_compact(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", metavar="OUT", help="output folder or URL that mlcls tag wrote")
     p.add_argument("--target-size", type=int, default=256, metavar="MB",
                    help="size of merged parts; parts under half of it are merged (default 256)")
-    _storage_options(p)
+    add_storage_options(p)
     p.set_defaults(handler=cmd_compact)
 
 
@@ -87,7 +81,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", type=int, default=100,
                    help="most frequent labels that get histograms and thumbnails (default 100)")
     p.add_argument("--thumbs", type=int, default=8, help="thumbnails per grid (default 8)")
-    _storage_options(p)
+    add_storage_options(p)
     p.set_defaults(handler=cmd_report)
 
 

@@ -10,11 +10,11 @@ that can run before the first image is read does.
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from .cli import add_storage_options
 from .errors import OptionError
 
 EXIT_OK = 0
@@ -27,16 +27,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _add_calibrate(sub)
 
 
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({err})") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"anon\": true}'")
-    return value
-
-
 def _add_labels_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", default=None, metavar="ROOT",
                    help="folder or URL the image paths are relative to (default: the labels file's folder)")
@@ -45,8 +35,7 @@ def _add_labels_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--delimiter", default=" ", help="separator inside a labels cell (default: space)")
     p.add_argument("--workers", type=int, default=8, help="image read/decode threads (default: 8)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--storage-options", type=_json_object, default=None, metavar="JSON",
-                   help="fsspec options for every URL, as a JSON object")
+    add_storage_options(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 

@@ -19,7 +19,7 @@ from .eval_report import write_report
 from .evaluate import Scored, missing_positive_classes, read_eval_labels, report_metrics, score_table
 from .labels import LabelsSpec
 from .metrics import MIN_POSITIVES_FOR_OWN_THRESHOLD
-from .storage import StorageOptions, describe_os_error, probe_writable
+from .storage import StorageOptions, check_folder
 from .thresholds import override_rule
 
 Log = Callable[[str], None]
@@ -102,13 +102,3 @@ def _score(bundle: Bundle, spec: LabelsSpec, options: ScoreOptions, storage_opti
         warn(f"{len(missing)} classes have no positive image in {spec.path}: no AP (left out of mAP), and a "
              f"global threshold if calibrating: {', '.join(missing[:10])}")
     return scored
-
-
-def check_folder(url: str, option: str, storage_options: StorageOptions) -> None:
-    """Fail before any image is read if `url` cannot be written as a folder."""
-    try:
-        probe_writable(url, storage_options)
-    except NotADirectoryError:
-        raise OptionError(f"{option} {url} is a file; give a folder") from None
-    except (OSError, ValueError, ImportError) as err:
-        raise OptionError(f"cannot write to {option} {url}: {describe_os_error(err)}") from err

@@ -15,6 +15,8 @@ from typing import Any
 import fsspec
 from fsspec import AbstractFileSystem
 
+from . import errors
+
 StorageOptions = dict[str, Any] | None
 
 
@@ -83,3 +85,13 @@ def probe_writable(url: str, storage_options: StorageOptions = None) -> None:
     probe = join(base, ".write-probe")
     write_atomic(fs, probe, b"")
     fs.rm_file(probe)
+
+
+def check_folder(url: str, option: str, storage_options: StorageOptions = None) -> None:
+    """Fail before any image is read if `url` cannot be written as a folder."""
+    try:
+        probe_writable(url, storage_options)
+    except NotADirectoryError:
+        raise errors.OptionError(f"{option} {url} is a file; give a folder") from None
+    except (OSError, ValueError, ImportError) as err:
+        raise errors.OptionError(f"cannot write to {option} {url}: {describe_os_error(err)}") from err

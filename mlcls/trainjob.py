@@ -22,7 +22,7 @@ from .images import Preprocess
 from .labels import LabelsSpec, LabelTable, multi_hot, read_labels, split
 from .labels import check_classes as check_positives
 from .pixels import check_memory, load_pixels, stored_preprocess
-from .storage import StorageOptions, describe_os_error, join, probe_writable, url_to_fs
+from .storage import StorageOptions, check_folder, join, url_to_fs
 from .train import TrainConfig, TrainResult, fit, write_bundle
 from .weights import InitWeights, load_init_weights
 
@@ -103,7 +103,7 @@ def plan_training(spec: LabelsSpec, out: str, *, cfg: TrainConfig, pre: Preproce
     log(f"{cfg.arch}, {len(names)} classes, {init.describe() if init else 'random init'}")
     check_forward(build_model(cfg.arch, len(names), None).eval(), cfg.arch, pre.size, len(names))
     check_memory(len(table.uris), pre.resize_size, "images")
-    check_writable(out, storage_options)
+    check_folder(out, "--out", storage_options)
     ckpt = checkpoint or default_checkpoint(out)
     _check_checkpoint(ckpt, resume, storage_options, warn)
     return Plan(spec, table, names, train_idx, val_idx, init, ckpt)
@@ -138,16 +138,6 @@ def _classes(found: list[str], given: Sequence[str] | None, path: str) -> list[s
         raise LabelsError(f"labels file {path} uses {len(unknown)} classes missing from --classes: "
                           f"{', '.join(unknown[:10])}")
     return given
-
-
-def check_writable(out: str, storage_options: StorageOptions) -> None:
-    """Fail before any image is read if the bundle folder cannot be written."""
-    try:
-        probe_writable(out, storage_options)
-    except NotADirectoryError:
-        raise OptionError(f"--out {out} is a file; give a folder (or prefix) for the bundle") from None
-    except (OSError, ValueError, ImportError) as err:
-        raise OptionError(f"cannot write the bundle to {out}: {describe_os_error(err)}") from err
 
 
 def has_checkpoint(out: str, storage_options: StorageOptions = None) -> bool:

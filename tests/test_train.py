@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from trainkit import CFG, DATA, PRE, write_shapes
+from trainkit import CFG, DATA, PRE, one_torch_thread, write_shapes
 
 from mlcls import metrics, progress
 from mlcls.augment import Augment
@@ -27,11 +27,8 @@ from mlcls.weights import load_init_weights
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Tiny models on a shared 2-core machine run faster on one thread than on two that spin-wait."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 import torchvision
-from trainkit import TRAIN_ARGS, read_rows, write_rows, write_shapes
+from trainkit import TRAIN_ARGS, one_torch_thread, read_rows, write_rows, write_shapes
 
 from mlcls.bundle import load_bundle
 from mlcls.cli import main
@@ -16,10 +16,8 @@ from mlcls.cli import main
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +25,8 @@ def trained(tmp_path_factory):
     """A labels file with an is_valid column and the bundle `mlcls train` made from it."""
     root = tmp_path_factory.mktemp("cli-train")
     labels = write_shapes(root / "data")
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    code = main(["train", str(labels), "--out", str(root / "bundle"), *TRAIN_ARGS])
-    torch.set_num_threads(saved)
+    with one_torch_thread():
+        code = main(["train", str(labels), "--out", str(root / "bundle"), *TRAIN_ARGS])
     assert code == 0
     return root, labels, root / "bundle"
 

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from trainkit import write_shapes
+from trainkit import one_torch_thread, write_shapes
 
 from mlcls.bundle import load_bundle
 from mlcls.errors import LabelsError
@@ -15,10 +14,8 @@ pytestmark = pytest.mark.slow
 def test_train_then_eval_flows(tmp_path, prefect_api):
     from flows.train import eval_bundle_flow, train_bundle
 
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
     labels = write_shapes(tmp_path / "data", n=64)
-    try:
+    with one_torch_thread():
         summary = train_bundle(labels=str(labels), out=str(tmp_path / "bundle"), arch="mobilenet_v3_small",
                                weights="none", epochs=1, batch_size=16, size=48, resize_size=56, device="cpu")
         bundle = load_bundle(str(tmp_path / "bundle"))
@@ -33,5 +30,3 @@ def test_train_then_eval_flows(tmp_path, prefect_api):
         (tmp_path / "bad.csv").write_text("image,labels\n")
         with pytest.raises(LabelsError, match="has no rows"):
             train_bundle(labels=str(tmp_path / "bad.csv"), out=str(tmp_path / "b2"), weights="none")
-    finally:
-        torch.set_num_threads(saved)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from trainkit import TRAIN_ARGS, write_shapes
+from trainkit import TRAIN_ARGS, one_torch_thread, write_shapes
 
 from mlcls.bundle import load_bundle
 from mlcls.cli import main
@@ -15,13 +14,11 @@ pytestmark = pytest.mark.slow
 
 
 def test_train_eval_calibrate_on_s3(tmp_path, s3, capsys):
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
     src, models, out = s3.buckets["src"], s3.buckets["models"], s3.buckets["out"]
     labels = write_shapes(tmp_path / "data", n=64)
     s3.put(str(labels.parent / "images") + "/", f"{src}/photos/images/", recursive=True)
     s3.put(str(labels), f"{out}/meta/labels.csv")
-    try:
+    with one_torch_thread():
         code = main(["train", f"s3://{out}/meta/labels.csv", "--images", f"s3://{src}/photos",
                      "--out", f"s3://{models}/mine", *TRAIN_ARGS])
         assert code == 0, capsys.readouterr().err
@@ -46,5 +43,3 @@ def test_train_eval_calibrate_on_s3(tmp_path, s3, capsys):
                      "--out", f"s3://{models}/other", *TRAIN_ARGS])
         assert code == 2 and "000003.jpg" in capsys.readouterr().err
         assert not s3.exists(f"{models}/other/bundle.json")
-    finally:
-        torch.set_num_threads(saved)

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import torch
 
 from mlcls.images import Preprocess
 from mlcls.synth import SynthConfig, write_dataset
@@ -32,3 +36,15 @@ def write_rows(path: Path, rows: list[dict[str, str]]) -> Path:
         w.writeheader()
         w.writerows(rows)
     return path
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models on a shared 2-core machine run faster on one thread than on two that spin-wait."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
