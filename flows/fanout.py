@@ -70,8 +70,9 @@ def fan_out(shards: list[Shard], *, deployment: str, model: str | None, out: str
     common = {"model": model, "out": out, "options": options, "run_id": run_id, "storage_options": storage_options}
     for g in groups:
         _submit(g, deployment, common, run_id)
+    results: dict[str, pipeline.ShardResult] = {}
     watch = _Watch(groups, max_attempts, lambda g: _submit(g, deployment, common, run_id),
-                   lambda g: _report_done(g, out, run_id, storage_options))
+                   lambda g: results.update(_report_done(g, out, run_id, storage_options)))
     artifact = create_progress_artifact(0.0, description=f"shards done of {len(shards)} (fanned out)")
     with get_client(sync_client=True) as client:
         while not watch.finished():
@@ -80,8 +81,9 @@ def fan_out(shards: list[Shard], *, deployment: str, model: str | None, out: str
             update_progress_artifact(artifact, 100.0 * watch.shards_done() / max(1, len(shards)))
     create_table_artifact(key=RUNS_ARTIFACT, table=[g.row() for g in groups],
                           description=f"{len(groups)} tag-shard flow runs of {deployment}")
-    results = pipeline.load_shard_results(out, run_id, [s.id for s in shards], storage_options)
-    return list(results.values()), [s.id for s in shards if s.id not in results]
+    missing = [s.id for s in shards if s.id not in results]  # groups given up on may have finished some
+    results.update(pipeline.load_shard_results(out, run_id, missing, storage_options))
+    return [results[s.id] for s in shards if s.id in results], [s.id for s in shards if s.id not in results]
 
 
 def check_deployment(name: str) -> None:
@@ -165,8 +167,10 @@ def _submit(g: Group, deployment: str, common: dict[str, Any], run_id: str) -> N
     g.flow_run_id, g.state, g.worker, g.since = run.id, "SCHEDULED", "", time.monotonic()
 
 
-def _report_done(g: Group, out: str, run_id: str, storage_options: dict[str, Any] | None) -> None:
-    """Tell local listeners (the CLI's progress bar) what a finished group tagged."""
+def _report_done(g: Group, out: str, run_id: str,
+                 storage_options: dict[str, Any] | None) -> dict[str, pipeline.ShardResult]:
+    """Read a finished group's results and tell local listeners (the CLI's progress bar) what it tagged."""
     found = pipeline.load_shard_results(out, run_id, [s.id for s in g.shards], storage_options)
     for result in found.values():
         progress.emit(progress.Event("images", count=result.images, errors=result.errors, shard=result.shard))
+    return found
