@@ -57,8 +57,8 @@ def build_corpus(folder: str, n: int, seed: int = 0, processes: int | None = Non
 
 def shapes_corpus(folder: str, n: int, seed: int = 0) -> list[str]:
     """Demo-task images at photo sizes (for label agreement with a trained bundle)."""
-    from mlcls.demo import DEMO_DATA
-    from mlcls.synth import SynthConfig, make_image
+    from mlcls.demo.build import DEMO_DATA
+    from mlcls.demo.synth import SynthConfig, make_image
 
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(seed)

@@ -16,9 +16,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mlcls.images import Preprocess
-from mlcls.synth import DEMO_CLASSES, SynthConfig, make_dataset
-from mlcls.train import TrainConfig, eval_pixels, fit, multi_hot, train_pixels
+from mlcls.demo.synth import DEMO_CLASSES, SynthConfig, make_dataset
+from mlcls.images.preprocess import Preprocess
+from mlcls.train.trainer import TrainConfig, eval_pixels, fit, multi_hot, train_pixels
 
 DATA = {
     "demo": SynthConfig(size=160, classes=DEMO_CLASSES),

@@ -31,7 +31,7 @@ def main() -> None:
     from corpus import shapes_corpus
 
     from mlcls.bundle import load_bundle
-    from mlcls.pipeline import TagOptions, tag
+    from mlcls.tag.job import TagOptions, tag_images
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=500)
@@ -50,7 +50,7 @@ def main() -> None:
         out = os.path.join(OUT, f"drift-{name}")
         shutil.rmtree(out, ignore_errors=True)
         opts = {"device": a.device, "batch_size": 64, **VARIANTS[name]}
-        tag(corpus, out, a.model, TagOptions(**opts))
+        tag_images(corpus, out, a.model, TagOptions(**opts))
         t = pq.read_table(out).to_pydict()
         return {u: (np.array([p[c] for c in classes]), frozenset(lb)) for u, p, lb in
                 zip(t["uri"], t["probs"], t["labels"], strict=True)}

@@ -28,10 +28,10 @@ from throughput import OUT, machine  # noqa: E402
 
 
 def child(uri_list: str, out: str, shard_size: int) -> None:
-    from mlcls.pipeline import TagOptions, tag
+    from mlcls.tag.job import TagOptions, tag_images
 
     t = time.perf_counter()
-    summary = tag(uri_list, out, None, TagOptions(shard_size=shard_size, batch_size=64))
+    summary = tag_images(uri_list, out, None, TagOptions(shard_size=shard_size, batch_size=64))
     print(json.dumps({"images": summary.images, "seconds": time.perf_counter() - t,
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 

@@ -32,8 +32,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from mlcls.images import Decoded  # noqa: E402
-from mlcls.output import ProbsMode, build_table, file_metadata, write_part  # noqa: E402
+from mlcls.images.decode import Decoded  # noqa: E402
+from mlcls.output.parts import ProbsMode, build_table, file_metadata, write_part  # noqa: E402
 from mlcls.sources import FileRecord  # noqa: E402
 
 ERROR_KINDS = ("decode: cannot identify image file", "empty: zero bytes", "too_large: 120000000 pixels",

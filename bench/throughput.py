@@ -63,7 +63,7 @@ def bench_bundle(arch: str, classes: int = 80) -> str:
     """A random-init bundle for `arch` at 224 px (cached)."""
     from mlcls.bundle import create_bundle, load_bundle
     from mlcls.errors import BundleError
-    from mlcls.images import Preprocess
+    from mlcls.images.preprocess import Preprocess
 
     path = os.path.join(OUT, "bundles", f"{arch}-{classes}")
     try:
@@ -103,7 +103,7 @@ def child_model(a: argparse.Namespace) -> dict:
     import torch
 
     from mlcls.bundle import load_bundle
-    from mlcls.engine import Engine, resolve_device
+    from mlcls.tag.engine import Engine, resolve_device
 
     bundle = load_bundle(a.bundle)
     t = time.perf_counter()
@@ -127,10 +127,10 @@ def child_decode(a: argparse.Namespace) -> dict:
     import torch
 
     from mlcls.bundle import load_bundle
-    from mlcls.engine import resolve_device
-    from mlcls.gpu_decode import GpuJpegDecoder
-    from mlcls.loader import Loader
+    from mlcls.images.gpu import GpuJpegDecoder
     from mlcls.sources import iter_source
+    from mlcls.tag.engine import resolve_device
+    from mlcls.tag.loader import Loader
 
     bundle = load_bundle(a.bundle)
     device = resolve_device(a.device)
@@ -151,17 +151,18 @@ def child_decode(a: argparse.Namespace) -> dict:
 
 
 def child_mlcls(a: argparse.Namespace) -> dict:
-    from mlcls import pipeline, progress
-    from mlcls.engine import get_engine
+    from mlcls import progress
+    from mlcls.tag import job
+    from mlcls.tag.engine import get_engine
 
-    options = pipeline.TagOptions(batch_size=a.batch_size, device=a.device, shard_size=a.shard_size,
+    options = job.TagOptions(batch_size=a.batch_size, device=a.device, shard_size=a.shard_size,
                                   workers=a.workers, **json.loads(a.options))
     t = time.perf_counter()
-    bundle = pipeline.open_run(a.out, a.bundle, options)
+    bundle = job.open_run(a.out, a.bundle, options)
     get_engine(bundle, options.device, precision=options.precision, compile=options.compile)
     clock = FirstBatchClock()
     unsubscribe = progress.subscribe(lambda e: clock.tick(e.count) if e.kind == "images" else None)
-    summary = pipeline.tag(a.corpus, a.out, a.bundle, options)
+    summary = job.tag_images(a.corpus, a.out, a.bundle, options)
     unsubscribe()
     images, seconds = clock.rate()
     return {"images": images, "seconds": seconds, "startup": time.perf_counter() - t - seconds,
@@ -169,12 +170,12 @@ def child_mlcls(a: argparse.Namespace) -> dict:
 
 
 def child_baseline(a: argparse.Namespace) -> dict:
-    """What a user writes without mlcls: Dataset, DataLoader, eager model, pyarrow rows."""
+    """What a user writes without mlcls: OutputTable, DataLoader, eager model, pyarrow rows."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
     from PIL import Image
-    from torch.utils.data import DataLoader, Dataset
+    from torch.utils.data import DataLoader, OutputTable
     from torchvision import transforms as T
 
     from mlcls.bundle import load_bundle
@@ -185,7 +186,7 @@ def child_baseline(a: argparse.Namespace) -> dict:
     tf = T.Compose([T.Resize(pre.resize_size), T.CenterCrop(pre.size), T.ToTensor(), T.Normalize(pre.mean, pre.std)])
     paths = [r.uri for r in iter_source(a.corpus)]
 
-    class Folder(Dataset):
+    class Folder(OutputTable):
         def __len__(self) -> int:
             return len(paths)
 
@@ -216,7 +217,7 @@ def child_nvjpeg(a: argparse.Namespace) -> dict:
     from torchvision.io import ImageReadMode, decode_jpeg
 
     from mlcls.bundle import load_bundle
-    from mlcls.gpu_decode import GpuJpegDecoder
+    from mlcls.images.gpu import GpuJpegDecoder
 
     device = torch.device("cuda")
     decoder = GpuJpegDecoder(load_bundle(a.bundle).preprocess, device)

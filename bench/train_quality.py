@@ -23,12 +23,12 @@ import time
 
 import torch
 
-from mlcls.evaljob import ScoreOptions, eval_bundle
-from mlcls.images import Preprocess
-from mlcls.labels import LabelsSpec
-from mlcls.synth import HARD, write_dataset
-from mlcls.train import TrainConfig
-from mlcls.trainjob import train_from_labels
+from mlcls.demo.synth import HARD, write_dataset
+from mlcls.images.preprocess import Preprocess
+from mlcls.train.eval_job import ScoreOptions, eval_bundle
+from mlcls.train.labels import LabelsSpec
+from mlcls.train.train_job import train_from_labels
+from mlcls.train.trainer import TrainConfig
 
 ROWS = [("mAP (macro)", None, "mAP"), ("macro-F1", "macro_f1", None), ("micro-F1 (OF1)", "OF1", None),
         ("CF1", "CF1", None), ("Hamming loss", "hamming_loss", None), ("subset accuracy", "subset_accuracy", None),
@@ -75,7 +75,7 @@ def run(tmp: str, args: argparse.Namespace) -> dict:
                             options=ScoreOptions(device="cpu"))
     m = evaluated.metrics
     return {
-        "task": "mlcls.synth.HARD", "classes": len(HARD.classes), "train": args.train, "val": args.val,
+        "task": "mlcls.demo.synth.HARD", "classes": len(HARD.classes), "train": args.train, "val": args.val,
         "test_images": args.test, "test_no_label_images": m["at_thresholds"]["empty_images"], "arch": args.arch,
         "size": args.size, "epochs": args.epochs, "loss": args.loss, "weights": args.weights or "random init",
         "best_epoch": trained.result.best_epoch,

@@ -30,9 +30,10 @@ from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.states import Crashed
 
-from mlcls import pipeline, progress
+from mlcls import progress
 from mlcls.errors import MlclsError
-from mlcls.shards import Shard
+from mlcls.tag import job
+from mlcls.tag.plan import Shard
 
 RETRY_STATES = {"FAILED", "CRASHED", "CANCELLED"}
 STUCK_PENDING_SECONDS = 600.0
@@ -63,14 +64,14 @@ class Group:
 
 def fan_out(shards: list[Shard], *, deployment: str, model: str | None, out: str, options: dict[str, Any],
             run_id: str, storage_options: dict[str, Any] | None, shards_per_run: int = 1, max_attempts: int = 3,
-            poll_seconds: float = 3.0) -> tuple[list[pipeline.ShardResult], list[str]]:
+            poll_seconds: float = 3.0) -> tuple[list[job.ShardResult], list[str]]:
     """Run every shard through `deployment`; return the shards' results and the ids of those that failed."""
     check_deployment(deployment)
     groups = [Group(i, shards[k:k + shards_per_run]) for i, k in enumerate(range(0, len(shards), shards_per_run))]
     common = {"model": model, "out": out, "options": options, "run_id": run_id, "storage_options": storage_options}
     for g in groups:
         _submit(g, deployment, common, run_id)
-    results: dict[str, pipeline.ShardResult] = {}
+    results: dict[str, job.ShardResult] = {}
     watch = _Watch(groups, max_attempts, lambda g: _submit(g, deployment, common, run_id),
                    lambda g: results.update(_report_done(g, out, run_id, storage_options)))
     artifact = create_progress_artifact(0.0, description=f"shards done of {len(shards)} (fanned out)")
@@ -82,7 +83,7 @@ def fan_out(shards: list[Shard], *, deployment: str, model: str | None, out: str
     create_table_artifact(key=RUNS_ARTIFACT, table=[g.row() for g in groups],
                           description=f"{len(groups)} tag-shard flow runs of {deployment}")
     missing = [s.id for s in shards if s.id not in results]  # groups given up on may have finished some
-    results.update(pipeline.load_shard_results(out, run_id, missing, storage_options))
+    results.update(job.load_shard_results(out, run_id, missing, storage_options))
     return [results[s.id] for s in shards if s.id in results], [s.id for s in shards if s.id not in results]
 
 
@@ -168,9 +169,9 @@ def _submit(g: Group, deployment: str, common: dict[str, Any], run_id: str) -> N
 
 
 def _report_done(g: Group, out: str, run_id: str,
-                 storage_options: dict[str, Any] | None) -> dict[str, pipeline.ShardResult]:
+                 storage_options: dict[str, Any] | None) -> dict[str, job.ShardResult]:
     """Read a finished group's results and tell local listeners (the CLI's progress bar) what it tagged."""
-    found = pipeline.load_shard_results(out, run_id, [s.id for s in g.shards], storage_options)
+    found = job.load_shard_results(out, run_id, [s.id for s in g.shards], storage_options)
     for result in found.values():
         progress.emit(progress.Event("images", count=result.images, errors=result.errors, shard=result.shard))
     return found

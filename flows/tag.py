@@ -24,8 +24,10 @@ from prefect.cache_policies import NONE
 from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run
 
-from mlcls import output, pipeline, progress
-from mlcls.shards import Plan, Shard
+from mlcls import progress
+from mlcls.output import parts
+from mlcls.tag import job
+from mlcls.tag.plan import RunPlan, Shard
 
 SUMMARY_ARTIFACT = "tag-images-summary"
 FAILED_ARTIFACT = "tag-images-failed"
@@ -36,12 +38,12 @@ PROGRESS_LOG_SECONDS = 15.0
 
 @task(name="plan", cache_policy=NONE, retries=1, retry_delay_seconds=5)
 def plan_task(source: str | list[str], out: str, model: str | None, options: dict[str, Any], run_id: str,
-              storage_options: dict[str, Any] | None) -> Plan:
+              storage_options: dict[str, Any] | None) -> RunPlan:
     """List the source, subtract what the output holds, write shard manifests."""
     logger = get_run_logger()
-    opts = pipeline.TagOptions.from_dict(options)
-    bundle = pipeline.open_run(out, model, opts, storage_options)
-    plan = pipeline.plan_run(source, out, bundle, opts, run_id, storage_options)
+    opts = job.TagOptions.from_dict(options)
+    bundle = job.open_run(out, model, opts, storage_options)
+    plan = job.plan_run(source, out, bundle, opts, run_id, storage_options)
     logger.info("listed %d images: %d already tagged by %s, %d new in %d shards%s", plan.listed, plan.done,
                 bundle.model_id, plan.new, len(plan.shards),
                 f" ({plan.skipped} non-image files skipped)" if plan.skipped else "")
@@ -51,11 +53,11 @@ def plan_task(source: str | list[str], out: str, model: str | None, options: dic
 @task(name="tag-shard", task_run_name="tag-shard-{shard.id}", cache_policy=NONE, retries=2,
       retry_delay_seconds=10)
 def tag_shard_task(shard: Shard, model: str | None, out: str, options: dict[str, Any], run_id: str,
-                   storage_options: dict[str, Any] | None) -> pipeline.ShardResult:
+                   storage_options: dict[str, Any] | None) -> job.ShardResult:
     """Tag one shard and write its part file. Unreadable images are rows, not failures."""
     logger = get_run_logger()
     with _progress_logs(logger, shard):
-        result = pipeline.tag_shard(shard, model=model, out=out, options=pipeline.TagOptions.from_dict(options),
+        result = job.tag_shard(shard, model=model, out=out, options=job.TagOptions.from_dict(options),
                                     run_id=run_id, storage_options=storage_options)
     rate = result.images / result.seconds if result.seconds else 0.0
     logger.info("shard %s: %d images, %d errors, %.1f s, %.1f images/s -> %s", shard.id, result.images,
@@ -74,7 +76,7 @@ def tag_images(
     device: str = "auto",
     shard_size: int = 5000,
     workers: int | None = None,
-    max_pixels: int = pipeline.DEFAULT_MAX_PIXELS,
+    max_pixels: int = job.DEFAULT_MAX_PIXELS,
     probs: str = "all",
     precision: str = "auto",
     draft: bool = True,
@@ -99,10 +101,10 @@ def tag_images(
     """
     started = time.perf_counter()
     logger = get_run_logger()
-    options = pipeline.TagOptions(batch_size=batch_size, device=device, shard_size=shard_size, workers=workers,
+    options = job.TagOptions(batch_size=batch_size, device=device, shard_size=shard_size, workers=workers,
                                   max_pixels=max_pixels, probs=probs, precision=precision, draft=draft,
                                   gpu_decode=gpu_decode, compile=compile).validate()
-    run_id = flow_run.get_id() or pipeline.new_run_id()
+    run_id = flow_run.get_id() or job.new_run_id()
     plan = plan_task(source, out, model, options.to_dict(), run_id, storage_options)
     if fan_out == "deployment" and plan.shards:
         from flows.fanout import fan_out as fan_out_shards
@@ -112,11 +114,11 @@ def tag_images(
                                          shards_per_run=shards_per_run, max_attempts=max_attempts)
     else:
         results, failed = _run_here(plan, model, out, options, run_id, storage_options)
-    bundle = pipeline.get_bundle(model, storage_options)
-    summary = pipeline.summarize(plan, results, source=pipeline.describe_source(source), out=out,
+    bundle = job.get_bundle(model, storage_options)
+    summary = job.summarize(plan, results, source=job.describe_source(source), out=out,
                                  model_id=bundle.model_id, seconds=time.perf_counter() - started,
                                  failed_shards=failed)
-    pipeline.finish_run(summary, storage_options)
+    job.finish_run(summary, storage_options)
     if plan.shards:
         create_table_artifact(key=SUMMARY_ARTIFACT, table=summary_table(summary),
                               description=summary_markdown(summary))
@@ -130,8 +132,8 @@ def tag_images(
     return summary.to_dict()
 
 
-def _run_here(plan: Plan, model: str | None, out: str, options: pipeline.TagOptions, run_id: str,
-              storage_options: dict[str, Any] | None) -> tuple[list[pipeline.ShardResult], list[str]]:
+def _run_here(plan: RunPlan, model: str | None, out: str, options: job.TagOptions, run_id: str,
+              storage_options: dict[str, Any] | None) -> tuple[list[job.ShardResult], list[str]]:
     """Shards one after another on this process's device."""
     logger = get_run_logger()
     results, failed = [], []
@@ -163,14 +165,14 @@ def tag_shard(
     `prefect gcl create ... --limit 1` (without it, no limit applies). Each
     shard's result is written next to the data, where the parent reads it.
     """
-    opts = pipeline.TagOptions.from_dict(options)
+    opts = job.TagOptions.from_dict(options)
     slot = device_slot or default_device_slot(opts.device)
     results = []
     with concurrency(slot, occupy=1, strict=False):
         for raw in shards:
             shard = Shard(**raw)
             result = tag_shard_task(shard, model, out, opts.to_dict(), run_id, storage_options)
-            pipeline.save_shard_result(out, run_id, result, storage_options)
+            job.save_shard_result(out, run_id, result, storage_options)
             results.append(asdict(result))
     return results
 
@@ -212,13 +214,13 @@ class _progress_logs:
 
 def failed_images_artifact(out: str, run_id: str, storage_options: dict[str, Any] | None) -> None:
     """List the images this run could not tag (read back from the output, capped) in the UI."""
-    rows, total = output.read_errors(out, run_id, FAILED_IMAGES_SHOWN, storage_options)
+    rows, total = parts.read_errors(out, run_id, FAILED_IMAGES_SHOWN, storage_options)
     more = f" (the first {len(rows)}; all are rows with an `error` in the dataset)" if total > len(rows) else ""
     create_table_artifact(key=FAILED_ARTIFACT, table=[{"uri": u, "error": e} for u, e in rows],
                           description=f"**{total}** images could not be tagged{more}.")
 
 
-def summary_table(summary: pipeline.RunSummary) -> list[dict[str, Any]]:
+def summary_table(summary: job.RunSummary) -> list[dict[str, Any]]:
     """Rows for the UI: totals first, then one row per label."""
     rows: list[dict[str, Any]] = [
         {"item": "images", "value": summary.images},
@@ -232,7 +234,7 @@ def summary_table(summary: pipeline.RunSummary) -> list[dict[str, Any]]:
     return rows
 
 
-def summary_markdown(summary: pipeline.RunSummary) -> str:
+def summary_markdown(summary: job.RunSummary) -> str:
     lines = [f"**{summary.images}** images from `{summary.source}` tagged by `{summary.model}` into "
              f"`{summary.out}`: {summary.tagged} tagged, {summary.errors} errors, "
              f"{summary.images_per_second:.1f} images/s."]

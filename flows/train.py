@@ -21,12 +21,12 @@ from prefect.runtime import task_run
 
 from mlcls import progress
 from mlcls.errors import MlclsError
-from mlcls.eval_report import json_safe
-from mlcls.evaljob import ScoreOptions, eval_bundle
-from mlcls.images import Preprocess
-from mlcls.labels import LabelsSpec
-from mlcls.train import TrainConfig
-from mlcls.trainjob import has_checkpoint, train_from_labels
+from mlcls.images.preprocess import Preprocess
+from mlcls.train.eval_job import ScoreOptions, eval_bundle
+from mlcls.train.eval_report import json_safe
+from mlcls.train.labels import LabelsSpec
+from mlcls.train.train_job import has_checkpoint, train_from_labels
+from mlcls.train.trainer import TrainConfig
 
 TRAIN_ARTIFACT = "train-bundle-metrics"
 EVAL_ARTIFACT = "eval-bundle-metrics"

@@ -30,9 +30,9 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from .errors import BundleError
-from .images import Preprocess
-from .storage import StorageOptions, describe_os_error, join, url_to_fs, write_atomic
+from mlcls.errors import BundleError
+from mlcls.images.preprocess import Preprocess
+from mlcls.storage import StorageOptions, describe_os_error, join, url_to_fs, write_atomic
 
 FORMAT = "mlcls-bundle"
 FORMAT_VERSION = 1
@@ -141,7 +141,7 @@ def _mismatch(err: RuntimeError, state_dict: dict[str, torch.Tensor], model: nn.
 
 def demo_bundle_url() -> str:
     """The bundled demo model shipped in the package."""
-    return str(resources.files("mlcls") / "data" / DEMO_NAME)
+    return str(resources.files("mlcls.demo") / "bundle")
 
 
 def resolve_model(model: str | None) -> str:

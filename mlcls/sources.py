@@ -18,8 +18,8 @@ from datetime import UTC, datetime
 
 from fsspec import AbstractFileSystem
 
-from .errors import SourceError
-from .storage import StorageOptions, describe_os_error, full_uri, is_local, url_to_fs
+from mlcls.errors import SourceError
+from mlcls.storage import StorageOptions, describe_os_error, full_uri, is_local, url_to_fs
 
 IMAGE_EXTENSIONS = frozenset({
     ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".dib", ".tif", ".tiff",

@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 import posixpath
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import fsspec
 from fsspec import AbstractFileSystem
 
-from . import errors
+from mlcls import errors
 
 StorageOptions = dict[str, Any] | None
 
@@ -95,3 +96,24 @@ def check_folder(url: str, option: str, storage_options: StorageOptions = None) 
         raise errors.OptionError(f"{option} {url} is a file; give a folder") from None
     except (OSError, ValueError, ImportError) as err:
         raise errors.OptionError(f"cannot write to {option} {url}: {describe_os_error(err)}") from err
+
+
+def read_one(uri: str, storage_options: dict[str, Any]) -> bytes:
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+    return fs.cat_file(path)
+
+
+def read_many(uris: Sequence[str], storage_options: dict[str, Any]) -> list[bytes | BaseException]:
+    """The files' bytes, or the error each read raised; concurrent on async stores such as S3."""
+    fs, _ = fsspec.core.url_to_fs(uris[0], **storage_options)
+    paths = [fsspec.core.url_to_fs(u, **storage_options)[1] for u in uris]
+    if getattr(fs, "async_impl", False) and all("://" in u for u in uris):
+        got = fs.cat(paths, on_error="return")
+        return [got.get(p, FileNotFoundError(p)) for p in paths]
+    out: list[bytes | BaseException] = []
+    for uri in uris:
+        try:
+            out.append(read_one(uri, storage_options))
+        except Exception as err:  # noqa: BLE001 - a read failure is that file's error
+            out.append(err)
+    return out

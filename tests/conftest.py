@@ -104,7 +104,7 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> str:
     import torchvision
 
     from mlcls.bundle import save_bundle
-    from mlcls.images import Preprocess
+    from mlcls.images.preprocess import Preprocess
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("bundle") / "tiny"

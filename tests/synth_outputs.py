@@ -17,8 +17,8 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pyarrow.parquet as pq
 
-from mlcls.images import Decoded
-from mlcls.output import ProbsMode, build_table, file_metadata, write_part
+from mlcls.images.decode import Decoded
+from mlcls.output.parts import ProbsMode, build_table, file_metadata, write_part
 from mlcls.sources import FileRecord
 
 CLASSES = ["cat", "dog", "boat", "sky blue", "person"]

@@ -10,16 +10,9 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from mlcls.bundle import (
-    create_bundle,
-    demo_bundle_url,
-    load_bundle,
-    read_classes,
-    read_state_dict,
-    save_bundle,
-)
+from mlcls.bundle import create_bundle, demo_bundle_url, load_bundle, read_classes, read_state_dict, save_bundle
 from mlcls.errors import BundleError
-from mlcls.images import Preprocess
+from mlcls.images.preprocess import Preprocess
 
 PRE = Preprocess(size=64, resize_size=72)
 

@@ -14,7 +14,7 @@ import torch
 import torchvision
 from conftest import write_images
 
-from mlcls.cli import main
+from mlcls.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,13 +16,13 @@ import pytest
 from conftest import write_images
 from synth_outputs import CLASSES, THRESHOLDS, newest_rows, stored_rows, synthetic_table, write_synthetic
 
-from mlcls import pipeline
-from mlcls.cli import main
-from mlcls.compact import compact, compact_steps, plan_compaction
-from mlcls.dataset import Dataset
-from mlcls.output import ProbsMode, list_parts, write_part
-from mlcls.query import LabelQuery, label_query, sql
-from mlcls.stats import compute_stats
+from mlcls.cli.main import main
+from mlcls.output.compact import compact, compact_steps, plan_compaction
+from mlcls.output.parts import ProbsMode, list_parts, write_part
+from mlcls.output.query import LabelQuery, label_query, sql
+from mlcls.output.reader import OutputTable
+from mlcls.output.stats import compute_stats
+from mlcls.tag import job
 
 ROOT = Path(__file__).resolve().parents[1]
 QUERIES = [{"labels": ("dog",)}, {"labels": ("cat",), "not_labels": ("boat",), "min_prob": 0.6},
@@ -31,7 +31,7 @@ QUERIES = [{"labels": ("dog",)}, {"labels": ("cat",), "not_labels": ("boat",), "
 
 def answers(out: str, classes=CLASSES) -> dict:
     """Every question a user can ask, and the newest rows read independently (pyarrow, plain Python)."""
-    ds = Dataset.open(out)
+    ds = OutputTable.open(out)
     stats = compute_stats(ds, pairs=50).to_dict()
     for key in ("parts", "rows_stored", "superseded", "seconds", "out"):
         stats.pop(key)
@@ -53,15 +53,15 @@ def synth(tmp_path) -> str:
 
 def test_round_trip_on_a_real_incremental_output(tmp_path, tiny_bundle, capsys):
     src, out = tmp_path / "src", str(tmp_path / "out")
-    opts = pipeline.TagOptions(batch_size=8, shard_size=4, workers=1)
+    opts = job.TagOptions(batch_size=8, shard_size=4, workers=1)
     write_images(src, 14)
     (src / "broken.jpg").write_bytes(b"nope")
-    pipeline.tag(str(src), out, tiny_bundle, opts)
+    job.tag_images(str(src), out, tiny_bundle, opts)
     for name in ("img0001.jpg", "img0005.jpg", "img0009.jpg"):  # changed files: tagged again, a second row each
         (src / name).write_bytes((src / "img0002.jpg").read_bytes())
         os.utime(src / name, (time.time() + 30, time.time() + 30))
     write_images(src, 2, seed=4, prefix="late")
-    second = pipeline.tag(str(src), out, tiny_bundle, opts)
+    second = job.tag_images(str(src), out, tiny_bundle, opts)
     assert second.new == 5
     classes = ["cat", "dog", "boat", "sky blue"]
     before, parts_before = answers(out, classes), list_parts(out)
@@ -71,8 +71,8 @@ def test_round_trip_on_a_real_incremental_output(tmp_path, tiny_bundle, capsys):
     assert "compacted" in capsys.readouterr().out
     assert answers(out, classes) == before
     assert len(list_parts(out)) == 1 < len(parts_before)
-    assert len(stored_rows(out)) == 17 and len(Dataset.open(out).superseded()) == 0
-    again = pipeline.tag(str(src), out, tiny_bundle, opts)  # incremental runs still see every file as done
+    assert len(stored_rows(out)) == 17 and len(OutputTable.open(out).superseded()) == 0
+    again = job.tag_images(str(src), out, tiny_bundle, opts)  # incremental runs still see every file as done
     assert (again.listed, again.already_done, again.new) == (17, 17, 0)
     assert main(["compact", out]) == 0
     assert "already compact: 1 part files, 17 rows" in capsys.readouterr().out
@@ -83,11 +83,11 @@ def test_a_crash_after_any_step_loses_nothing_and_the_next_compact_finishes(synt
     sizes = sorted(os.path.getsize(p) for p in list_parts(synth))
     target = sizes[-1] * 3  # bins of about three parts: several merged parts, several steps
     probe = _copy(synth, tmp_path / "probe")
-    total = len(list(compact_steps(Dataset.open(probe), plan_compaction(Dataset.open(probe), target))))
+    total = len(list(compact_steps(OutputTable.open(probe), plan_compaction(OutputTable.open(probe), target))))
     assert total >= 8
     for crash_after in range(1, total):
         out = _copy(synth, tmp_path / f"crash{crash_after}")
-        dataset = Dataset.open(out)
+        dataset = OutputTable.open(out)
         steps = compact_steps(dataset, plan_compaction(dataset, target))
         done = [next(steps) for _ in range(crash_after)]
         steps.close()  # the process dies here: nothing after this step runs
@@ -125,7 +125,7 @@ def test_killed_compact_process_leaves_a_complete_dataset(tmp_path):
 
 
 def test_a_part_rewritten_during_compaction_is_kept(synth):
-    dataset = Dataset.open(synth)
+    dataset = OutputTable.open(synth)
     plan = plan_compaction(dataset)
     steps = compact_steps(dataset, plan)
     while next(steps) != "committed":
@@ -138,9 +138,10 @@ def test_a_part_rewritten_during_compaction_is_kept(synth):
     write_part(synth, "synth000", table)
     rest = list(steps)
     assert "kept part-synth000.parquet" in rest and os.path.exists(Path(synth) / "part-synth000.parquet")
-    newest = label_query(Dataset.open(synth), LabelQuery())
+    newest = label_query(OutputTable.open(synth), LabelQuery())
     assert newest.height == 240
-    assert set(sql(Dataset.open(synth), "select uri from tags where run_id = 'late-run'").column("uri").to_pylist()) \
+    late = sql(OutputTable.open(synth), "select uri from tags where run_id = 'late-run'")
+    assert set(late.column("uri").to_pylist()) \
         == set(uris)
 
 

@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 from conftest import write_images
 
-from mlcls.output import list_parts
+from mlcls.output.parts import list_parts
 
 pytestmark = pytest.mark.slow
 
@@ -62,10 +62,10 @@ def test_flow_fails_fast_on_bad_input(tmp_path, tiny_bundle, prefect_api):
 def test_a_failing_shard_does_not_lose_the_others(tmp_path, tiny_bundle, prefect_api, monkeypatch):
     """A shard whose part cannot be written fails after its retries; the rest land and the run says which."""
     from flows import tag as tag_flow
-    from mlcls import pipeline
+    from mlcls.tag import job
 
     write_images(tmp_path / "src", 9)
-    real = pipeline.tag_shard
+    real = job.tag_shard
     calls = []
 
     def flaky(shard, **kw):
@@ -74,7 +74,7 @@ def test_a_failing_shard_does_not_lose_the_others(tmp_path, tiny_bundle, prefect
             raise OSError("No space left on device")
         return real(shard, **kw)
 
-    monkeypatch.setattr(pipeline, "tag_shard", flaky)
+    monkeypatch.setattr(job, "tag_shard", flaky)
     monkeypatch.setattr(tag_flow.tag_shard_task, "retry_delay_seconds", 0)
     with pytest.raises(RuntimeError, match="1 of 3 shards failed"):
         tag_flow.tag_images(source=str(tmp_path / "src"), out=str(tmp_path / "out"), model=tiny_bundle,

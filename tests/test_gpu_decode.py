@@ -11,10 +11,11 @@ import torch
 from conftest import exif_rotated_jpeg, jpeg_bytes, photo
 from PIL import Image
 
-from mlcls.gpu_decode import GpuJpegDecoder
-from mlcls.images import Preprocess, plain_jpeg_size, prepare
-from mlcls.loader import Loader
+from mlcls.images.decode import plain_jpeg_size, prepare
+from mlcls.images.gpu import GpuJpegDecoder
+from mlcls.images.preprocess import Preprocess
 from mlcls.sources import FileRecord
+from mlcls.tag.loader import Loader
 
 PRE = Preprocess(size=64, resize_size=72)
 

@@ -12,7 +12,8 @@ from PIL import Image
 from torchvision import transforms as T
 
 from mlcls.errors import BundleError
-from mlcls.images import DRAFT_MARGIN, Preprocess, open_rgb, prepare, to_rgb
+from mlcls.images.decode import open_rgb, prepare, to_rgb
+from mlcls.images.preprocess import DRAFT_MARGIN, Preprocess
 
 PRE = Preprocess(size=64, resize_size=72)
 
@@ -121,7 +122,7 @@ def test_preprocess_validation_and_round_trip():
 
 
 def test_normalisation_matches_to_tensor_and_normalize():
-    from mlcls.engine import Normaliser
+    from mlcls.tag.engine import Normaliser
 
     pre = Preprocess(size=32, resize_size=32)
     pixels = torch.from_numpy(np.random.default_rng(7).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8))

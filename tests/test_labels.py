@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 
 from mlcls.errors import LabelsError
-from mlcls.labels import LabelsSpec, check_classes, multi_hot, read_labels, split, stratified_split
+from mlcls.train.labels import LabelsSpec, check_class_positives, multi_hot, read_labels, split, stratified_split
 
 
 def _csv(path, text: str) -> str:
@@ -88,9 +88,9 @@ def test_a_class_with_no_training_positive_is_an_error_one_without_validation_po
     y_train = np.array([[1, 0, 1], [1, 0, 0]], dtype=np.float32)
     y_val = np.array([[1, 1, 0]], dtype=np.float32)
     with pytest.raises(LabelsError, match="1 classes have no positive training image and cannot be learnt: b"):
-        check_classes(y_train, y_val, ["a", "b", "c"], warn=print)
+        check_class_positives(y_train, y_val, ["a", "b", "c"], warn=print)
     warnings = []
-    check_classes(y_train[:, [0, 2]], y_val[:, [0, 2]], ["a", "c"], warn=warnings.append)
+    check_class_positives(y_train[:, [0, 2]], y_val[:, [0, 2]], ["a", "c"], warn=warnings.append)
     assert len(warnings) == 1 and "no positive validation image" in warnings[0] and warnings[0].endswith(": c")
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from mlcls import metrics
+from mlcls.train import metrics
 
 
 def _data(seed: int, n: int = 200, c: int = 7):

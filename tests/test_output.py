@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from mlcls.errors import OptionError, OutputError
-from mlcls.images import Decoded
-from mlcls.output import ProbsMode, build_table, check_output, file_metadata, list_parts, write_part
+from mlcls.images.decode import Decoded
+from mlcls.output.parts import ProbsMode, build_table, check_output, file_metadata, list_parts, write_part
 from mlcls.sources import FileRecord
 
 CLASSES = ["cat", "dog", "sky blue"]

@@ -17,13 +17,13 @@ from conftest import bad_input_catalogue, write_images
 from PIL import Image
 from torchvision import transforms as T
 
-from mlcls import pipeline
 from mlcls.bundle import load_bundle
-from mlcls.engine import get_engine
-from mlcls.images import INTERPOLATIONS
-from mlcls.output import list_parts
-from mlcls.pipeline import TagOptions, tag
-from mlcls.shards import plan_shards, read_shard
+from mlcls.images.preprocess import INTERPOLATIONS
+from mlcls.output.parts import list_parts
+from mlcls.tag import job
+from mlcls.tag.engine import get_engine
+from mlcls.tag.job import TagOptions, tag_images
+from mlcls.tag.plan import plan_shards, read_shard
 
 OPTS = TagOptions(batch_size=8, shard_size=10, workers=2)
 
@@ -49,17 +49,17 @@ def test_plan_cuts_stable_shards_and_subtracts_done(tmp_path, tiny_bundle):
 def test_incremental_runs_tag_only_new_or_changed_files(tmp_path, tiny_bundle):
     src, out = tmp_path / "src", tmp_path / "out"
     write_images(src, 23)
-    first = tag(str(src), str(out), tiny_bundle, OPTS)
+    first = tag_images(str(src), str(out), tiny_bundle, OPTS)
     assert (first.new, first.tagged, first.errors, first.shards) == (23, 23, 0, 3)
     parts = list_parts(str(out))
-    again = tag(str(src), str(out), tiny_bundle, OPTS)
+    again = tag_images(str(src), str(out), tiny_bundle, OPTS)
     assert (again.listed, again.already_done, again.new, again.images) == (23, 23, 0, 0)
     assert list_parts(str(out)) == parts  # no inference, no new file
     write_images(src, 4, seed=9, prefix="new")
     changed = src / "img0003.jpg"
     changed.write_bytes(changed.read_bytes())
     os.utime(changed, (time.time() + 10, time.time() + 10))
-    third = tag(str(src), str(out), tiny_bundle, OPTS)
+    third = tag_images(str(src), str(out), tiny_bundle, OPTS)
     assert (third.already_done, third.new) == (22, 5)
     df = _rows(out)
     assert df.height == 28 and df["uri"].n_unique() == 27  # the changed file has its old and new row
@@ -69,7 +69,7 @@ def test_incremental_runs_tag_only_new_or_changed_files(tmp_path, tiny_bundle):
 
 def test_bad_input_catalogue_gives_one_row_each_and_the_run_completes(tmp_path, tiny_bundle):
     expected = bad_input_catalogue(tmp_path / "src")
-    summary = tag(str(tmp_path / "src"), str(tmp_path / "out"), tiny_bundle,
+    summary = tag_images(str(tmp_path / "src"), str(tmp_path / "out"), tiny_bundle,
                   TagOptions(batch_size=4, shard_size=7, max_pixels=5_000_000))
     df = _rows(tmp_path / "out")
     assert df.height == len(expected) == summary.images
@@ -87,7 +87,7 @@ def test_bad_input_catalogue_gives_one_row_each_and_the_run_completes(tmp_path, 
 
 def test_probabilities_equal_a_plain_torchvision_pipeline(tmp_path, tiny_bundle):
     paths = write_images(tmp_path / "src", 12)
-    tag(str(tmp_path / "src"), str(tmp_path / "out"), tiny_bundle, TagOptions(batch_size=5, draft=False))
+    tag_images(str(tmp_path / "src"), str(tmp_path / "out"), tiny_bundle, TagOptions(batch_size=5, draft=False))
     bundle = load_bundle(tiny_bundle)
     pre = bundle.preprocess
     tf = T.Compose([T.Resize(pre.resize_size, interpolation=INTERPOLATIONS[pre.interpolation]),
@@ -112,7 +112,7 @@ def test_engine_labels_use_per_class_thresholds(tiny_bundle):
 _CRASHER = """
 import sys
 from mlcls.pipeline import TagOptions, tag
-tag(sys.argv[1], sys.argv[2], sys.argv[3], TagOptions(batch_size=4, shard_size=6, workers=1))
+tag_images(sys.argv[1], sys.argv[2], sys.argv[3], TagOptions(batch_size=4, shard_size=6, workers=1))
 """
 
 
@@ -128,7 +128,7 @@ def test_sigkill_at_any_moment_then_rerun_gives_exactly_one_row_per_image(tmp_pa
         proc.wait()
         for part in list_parts(str(out)):  # whatever is visible is whole
             assert pl.read_parquet(part).height > 0
-    summary = tag(str(src), str(out), tiny_bundle, TagOptions(batch_size=4, shard_size=6))
+    summary = tag_images(str(src), str(out), tiny_bundle, TagOptions(batch_size=4, shard_size=6))
     df = _rows(out)
     assert df.height == 60 and df["uri"].n_unique() == 60
     assert summary.already_done + summary.new == 60
@@ -149,7 +149,7 @@ def test_options_are_checked(tmp_path, tiny_bundle):
 
 def test_summary_is_written_and_manifests_removed(tmp_path, tiny_bundle):
     write_images(tmp_path / "src", 5)
-    s = pipeline.tag(str(tmp_path / "src"), str(tmp_path / "out"), tiny_bundle, OPTS)
+    s = job.tag_images(str(tmp_path / "src"), str(tmp_path / "out"), tiny_bundle, OPTS)
     run = tmp_path / "out" / "_mlcls" / "runs" / s.run_id
     assert (run / "summary.json").exists() and not (run / "shards").exists()
 
@@ -158,8 +158,8 @@ def test_decode_processes_give_the_same_rows_as_threads(tmp_path, tiny_bundle):
     """Four or more workers decode in forked processes through a shared-memory ring."""
     write_images(tmp_path / "src", 30)
     (tmp_path / "src" / "bad.jpg").write_bytes(b"nope")
-    tag(str(tmp_path / "src"), str(tmp_path / "threads"), tiny_bundle, TagOptions(batch_size=4, workers=1))
-    tag(str(tmp_path / "src"), str(tmp_path / "procs"), tiny_bundle, TagOptions(batch_size=4, workers=4))
+    tag_images(str(tmp_path / "src"), str(tmp_path / "threads"), tiny_bundle, TagOptions(batch_size=4, workers=1))
+    tag_images(str(tmp_path / "src"), str(tmp_path / "procs"), tiny_bundle, TagOptions(batch_size=4, workers=4))
     a, b = (_rows(tmp_path / d).sort("uri") for d in ("threads", "procs"))
     assert a.height == b.height == 31
     assert a.select("uri", "labels", "error", "width").equals(b.select("uri", "labels", "error", "width"))

@@ -11,10 +11,10 @@ import pytest
 from conftest import write_images
 from synth_outputs import newest_rows, prob, stored_rows, write_synthetic
 
-from mlcls import pipeline
-from mlcls.cli import main
-from mlcls.dataset import Dataset
-from mlcls.query import LabelQuery, label_query, sql
+from mlcls.cli.main import main
+from mlcls.output.query import LabelQuery, label_query, sql
+from mlcls.output.reader import OutputTable
+from mlcls.tag import job
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "all")
 def test_label_queries_match_an_independent_reading(synth, case):
-    got = label_query(Dataset.open(synth), LabelQuery(**case))
+    got = label_query(OutputTable.open(synth), LabelQuery(**case))
     want = expected(synth, **case)
     assert got["uri"].to_list() == [u for u, _ in want]
     for j, label in enumerate(case.get("labels", ())):
@@ -77,17 +77,17 @@ def test_label_queries_match_an_independent_reading(synth, case):
 
 @pytest.mark.parametrize("case", CASES[:4], ids=str)
 def test_bounded_probabilities_query_the_same_way(synth_bounded, case):
-    got = label_query(Dataset.open(synth_bounded), LabelQuery(**case))
+    got = label_query(OutputTable.open(synth_bounded), LabelQuery(**case))
     assert got["uri"].to_list() == [u for u, _ in expected(synth_bounded, **case)]
 
 
 def test_sql_reads_bounded_probabilities_by_name(synth_bounded):
-    n = sql(Dataset.open(synth_bounded), "select count(*) n from tags where probs['dog'] >= 0.5").column("n")[0]
+    n = sql(OutputTable.open(synth_bounded), "select count(*) n from tags where probs['dog'] >= 0.5").column("n")[0]
     assert n.as_py() == sum((prob(r, "dog") or 0) >= 0.5 for r in newest_rows(synth_bounded).values()) > 0
 
 
 def test_reading_rule_hides_superseded_rows_and_all_rows_shows_them(synth):
-    ds = Dataset.open(synth)
+    ds = OutputTable.open(synth)
     stored, newest = stored_rows(synth), newest_rows(synth)
     assert len(stored) == 450 and len(newest) == 400
     assert ds.scan().select(pl.len()).collect().item() == 400
@@ -98,7 +98,7 @@ def test_reading_rule_hides_superseded_rows_and_all_rows_shows_them(synth):
 
 
 def test_sql_views_tags_and_tags_all(synth):
-    ds = Dataset.open(synth)
+    ds = OutputTable.open(synth)
     boat = sql(ds, "select uri from tags where list_contains(labels, 'boat') order by uri").column("uri").to_pylist()
     assert boat == sorted(u for u, r in newest_rows(synth).items() if r["labels"] and "boat" in r["labels"])
     counts = sql(ds, "select (select count(*) from tags) a, (select count(*) from tags_all) b, "
@@ -135,12 +135,12 @@ def test_query_of_a_real_tagging_run(tmp_path, tiny_bundle, capsys):
     """Through the real pipeline: labels are the classes at or above the bundle's thresholds."""
     write_images(tmp_path / "src", 14)
     (tmp_path / "src" / "broken.jpg").write_bytes(b"not an image")
-    pipeline.tag(str(tmp_path / "src"), str(tmp_path / "out"), tiny_bundle,
-                 pipeline.TagOptions(batch_size=8, shard_size=6, workers=1))
+    job.tag_images(str(tmp_path / "src"), str(tmp_path / "out"), tiny_bundle,
+                 job.TagOptions(batch_size=8, shard_size=6, workers=1))
     raw = pl.read_parquet(f"{tmp_path}/out/*.parquet")
     thresholds = dict(zip(["cat", "dog", "boat", "sky blue"], [0.5, 0.45, 0.55, 0.5], strict=True))
     for label, threshold in thresholds.items():
-        got = label_query(Dataset.open(str(tmp_path / "out")), LabelQuery(labels=(label,)))
+        got = label_query(OutputTable.open(str(tmp_path / "out")), LabelQuery(labels=(label,)))
         probs = raw.select("uri", pl.col("probs").struct.field(label).alias("p"))
         want = probs.filter(pl.col("p") >= threshold).sort(["p", "uri"], descending=[True, False])
         assert got["uri"].to_list() == want["uri"].to_list()
@@ -182,10 +182,10 @@ def test_query_and_sql_on_s3(s3, tmp_path):
     remote = f"s3://{s3.buckets['out']}/tags"
     s3.put(local + "/", remote + "/", recursive=True)
     for case in CASES[:3]:
-        a = label_query(Dataset.open(remote), LabelQuery(**case))
-        b = label_query(Dataset.open(local), LabelQuery(**case))
+        a = label_query(OutputTable.open(remote), LabelQuery(**case))
+        b = label_query(OutputTable.open(local), LabelQuery(**case))
         assert a.equals(b) and a.height > 0
     statement = "select count(*) n, count(distinct uri) u from tags where list_contains(labels, 'cat')"
-    assert sql(Dataset.open(remote), statement).to_pylist() == sql(Dataset.open(local), statement).to_pylist()
-    assert sql(Dataset.open(remote), "select count(*) n from tags_all").to_pylist() == [{"n": 135}]
+    assert sql(OutputTable.open(remote), statement).to_pylist() == sql(OutputTable.open(local), statement).to_pylist()
+    assert sql(OutputTable.open(remote), "select count(*) n from tags_all").to_pylist() == [{"n": 135}]
     assert Path(local).exists()

@@ -15,9 +15,9 @@ from conftest import write_images
 from PIL import Image
 from synth_outputs import write_synthetic
 
-from mlcls import pipeline
-from mlcls.cli import main
-from mlcls.report import write_report
+from mlcls.cli.main import main
+from mlcls.output.report import write_output_report
+from mlcls.tag import job
 
 CLASSES = ["cat", "dog", "boat", "sky blue"]
 THRESHOLDS = [0.5, 0.45, 0.55, 0.5]
@@ -31,8 +31,8 @@ def tagged(tmp_path_factory, tiny_bundle) -> Path:
     write_images(root / "src", 24, seed=3)
     (root / "src" / "broken.jpg").write_bytes(b"this is not a jpeg")
     (root / "src" / "empty.png").write_bytes(b"")
-    pipeline.tag(str(root / "src"), str(root / "out"), tiny_bundle,
-                 pipeline.TagOptions(batch_size=8, shard_size=10, workers=1))
+    job.tag_images(str(root / "src"), str(root / "out"), tiny_bundle,
+                 job.TagOptions(batch_size=8, shard_size=10, workers=1))
     return root
 
 
@@ -116,7 +116,7 @@ def test_a_thousand_labels_stay_fast_and_paged(tmp_path):
     out = str(tmp_path / "tags")
     write_synthetic(out, images=1500, parts=3, retag=50, classes=classes, thresholds=np.full(1000, 0.5, np.float32))
     started = time.perf_counter()
-    data, pages = write_report(out, str(tmp_path / "report"), labels=60, thumbs=4)
+    data, pages = write_output_report(out, str(tmp_path / "report"), labels=60, thumbs=4)
     seconds = time.perf_counter() - started
     assert pages == ["index.html", "labels-001.html", "labels-002.html", "labels-003.html", "failed.html"]
     index = (tmp_path / "report" / "index.html").read_text()
@@ -134,7 +134,7 @@ def test_report_on_s3_reads_thumbnails_from_s3(s3, tmp_path):
         s3.put(str(p), f"{src}/photos/{p.name}")
     write_synthetic(str(tmp_path / "tags"), images=30, parts=2, retag=3, uri_prefix=f"s3://{src}/photos")
     s3.put(str(tmp_path / "tags") + "/", f"{out}/tags/", recursive=True)
-    data, _ = write_report(f"s3://{out}/tags", f"s3://{out}/report", thumbs=3)
+    data, _ = write_output_report(f"s3://{out}/tags", f"s3://{out}/report", thumbs=3)
     assert data.thumbs and all(data.thumbs.values())
     s3.get(f"{out}/report/", str(tmp_path / "report") + "/", recursive=True)
     page = (tmp_path / "report" / "labels-001.html").read_text()

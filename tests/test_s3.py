@@ -9,8 +9,8 @@ import pytest
 from conftest import write_images
 
 from mlcls.bundle import load_bundle
-from mlcls.engine import get_engine
-from mlcls.images import prepare
+from mlcls.images.decode import prepare
+from mlcls.tag.engine import get_engine
 
 pytestmark = pytest.mark.slow
 

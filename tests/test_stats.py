@@ -9,9 +9,9 @@ from itertools import combinations
 import pytest
 from synth_outputs import CLASSES, newest_rows, prob, stored_rows, write_synthetic
 
-from mlcls.cli import main
-from mlcls.dataset import Dataset
-from mlcls.stats import compute_stats
+from mlcls.cli.main import main
+from mlcls.output.reader import OutputTable
+from mlcls.output.stats import compute_stats
 
 
 def independent(out: str) -> dict:
@@ -33,7 +33,7 @@ def independent(out: str) -> dict:
 def test_stats_match_an_independent_count(tmp_path, probs):
     out = str(tmp_path / "tags")
     write_synthetic(out, images=500, parts=5, retag=60, probs=probs, seed=11)
-    s = compute_stats(Dataset.open(out), pairs=100)
+    s = compute_stats(OutputTable.open(out), pairs=100)
     want = independent(out)
     assert (s.images, s.tagged, s.unlabelled) == (want["images"], want["tagged"], want["unlabelled"])
     assert s.rows_stored == len(stored_rows(out)) == 560 and s.superseded == 60
@@ -49,7 +49,7 @@ def test_stats_match_an_independent_count(tmp_path, probs):
 def test_all_rows_counts_every_stored_row(tmp_path):
     out = str(tmp_path / "tags")
     write_synthetic(out, images=100, parts=2, retag=30)
-    s = compute_stats(Dataset.open(out), all_rows=True)
+    s = compute_stats(OutputTable.open(out), all_rows=True)
     rows = stored_rows(out)
     assert s.images == len(rows) == 130
     assert s.tagged == sum(r["error"] is None for r in rows)
@@ -78,6 +78,6 @@ def test_stats_on_s3(s3, tmp_path):
     write_synthetic(local, images=150, parts=3, retag=10, seed=4)
     remote = f"s3://{s3.buckets['out']}/tags"
     s3.put(local + "/", remote + "/", recursive=True)
-    a, b = compute_stats(Dataset.open(remote)), compute_stats(Dataset.open(local))
+    a, b = compute_stats(OutputTable.open(remote)), compute_stats(OutputTable.open(local))
     assert a.images == b.images == 150 and a.superseded == 10
     assert a.labels == b.labels and a.pairs == b.pairs and a.errors == b.errors

@@ -12,17 +12,18 @@ import torch.nn.functional as F
 import torchvision
 from trainkit import CFG, DATA, PRE, one_torch_thread, write_shapes
 
-from mlcls import metrics, progress
-from mlcls.augment import Augment
+from mlcls import progress
 from mlcls.bundle import load_bundle
+from mlcls.demo.synth import make_dataset
 from mlcls.errors import BundleError, LabelsError, OptionError
-from mlcls.labels import LabelsSpec, multi_hot
-from mlcls.losses import AsymmetricLoss, FocalLoss, auto_pos_weight
-from mlcls.pipeline import TagOptions, tag
-from mlcls.synth import make_dataset
-from mlcls.train import TrainConfig, Trainer, eval_pixels, fit, train_pixels
-from mlcls.trainjob import train_from_labels
-from mlcls.weights import load_init_weights
+from mlcls.tag.job import TagOptions, tag_images
+from mlcls.train import metrics
+from mlcls.train.augment import Augment
+from mlcls.train.labels import LabelsSpec, multi_hot
+from mlcls.train.losses import AsymmetricLoss, FocalLoss, auto_pos_weight
+from mlcls.train.train_job import train_from_labels
+from mlcls.train.trainer import TrainConfig, Trainer, eval_pixels, fit, train_pixels
+from mlcls.train.weights import load_init_weights
 
 
 @pytest.fixture(autouse=True)
@@ -59,7 +60,7 @@ def test_train_then_tag_gives_the_same_probabilities(tmp_path):
     assert bundle.metrics["training"]["best_epoch"] == 1 + int(np.argmax([h["val_mAP"] for h in history]))
     assert not (tmp_path / "bundle" / "checkpoint.pt").exists()
 
-    tag(trained.val_uris, str(tmp_path / "tags"), model=str(tmp_path / "bundle"),
+    tag_images(trained.val_uris, str(tmp_path / "tags"), model=str(tmp_path / "bundle"),
         options=TagOptions(device="cpu", batch_size=7))
     df = pl.read_parquet(f"{tmp_path}/tags/*.parquet")
     probs = dict(zip(df["uri"], np.array([[r[c] for c in bundle.classes] for r in df["probs"]]), strict=True))
@@ -185,7 +186,7 @@ def test_labels_that_leave_a_class_without_training_positives_stop_before_readin
 def test_architectures_that_cannot_be_built_on_the_meta_device_still_train_and_load(tmp_path):
     """regnets compute their widths with tensors; head detection and bundle loading fall back to the CPU."""
     from mlcls.bundle import save_bundle
-    from mlcls.weights import head_keys
+    from mlcls.train.weights import head_keys
 
     assert head_keys("regnet_x_400mf", 3) == {"fc.weight", "fc.bias"}
     model = torchvision.models.get_model("regnet_x_400mf", num_classes=3)

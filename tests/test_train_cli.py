@@ -11,7 +11,7 @@ import torchvision
 from trainkit import TRAIN_ARGS, one_torch_thread, read_rows, write_rows, write_shapes
 
 from mlcls.bundle import load_bundle
-from mlcls.cli import main
+from mlcls.cli.main import main
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,7 @@ import pytest
 from trainkit import TRAIN_ARGS, one_torch_thread, write_shapes
 
 from mlcls.bundle import load_bundle
-from mlcls.cli import main
+from mlcls.cli.main import main
 
 pytestmark = pytest.mark.slow
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from mlcls.images import Preprocess
-from mlcls.synth import SynthConfig, write_dataset
-from mlcls.train import TrainConfig
+from mlcls.demo.synth import SynthConfig, write_dataset
+from mlcls.images.preprocess import Preprocess
+from mlcls.train.trainer import TrainConfig
 
 DATA = SynthConfig(size=64, min_radius=0.2, max_radius=0.35, clutter=1, p_blur=0.0)
 PRE = Preprocess(size=48, resize_size=56)

@@ -1,0 +1,93 @@
+"""What the CLI shows: a progress bar fed by library events, and run summaries."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+from mlcls import progress
+
+if TYPE_CHECKING:  # a type only: `mlcls query` and friends start without importing torch
+    from mlcls.tag.job import RunSummary
+
+console = Console(stderr=True, highlight=False)
+out_console = Console(highlight=False)
+
+
+class RateColumn(ProgressColumn):
+    """Images per second, averaged by rich over its speed window."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:6.1f} img/s" if speed else "   -- img/s", style="cyan")
+
+
+@contextmanager
+def progress_bar(enabled: bool = True) -> Iterator[None]:
+    """Show a live bar while the block runs, driven by `mlcls.progress` events."""
+    if not enabled:
+        yield
+        return
+    bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   RateColumn(), TextColumn("errors {task.fields[errors]}"), TimeElapsedColumn(),
+                   TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False)
+    task_id = bar.add_task("listing", total=None, errors=0)
+
+    def on_event(event: progress.Event) -> None:
+        if event.kind == "planned":
+            bar.update(task_id, total=event.total, description="tagging")
+        elif event.kind == "images":
+            errors = bar.tasks[0].fields["errors"] + event.errors
+            bar.update(task_id, advance=event.count, errors=errors)
+
+    unsubscribe = progress.subscribe(on_event)
+    try:
+        with bar:
+            yield
+    finally:
+        unsubscribe()
+
+
+def print_summary(summary: RunSummary) -> None:
+    """The short report after `mlcls tag`."""
+    if summary.new == 0:
+        out_console.print(f"0 new images: all {summary.listed} listed images are already tagged by "
+                          f"{summary.model} in {summary.out}")
+        return
+    out_console.print(
+        f"[bold]tagged {summary.tagged} of {summary.new} new images[/bold] in {summary.seconds:.1f} s "
+        f"({summary.images_per_second:.1f} images/s), {summary.errors} errors, "
+        f"{summary.already_done} already tagged -> {summary.out}")
+    if summary.label_counts:
+        top = ", ".join(f"{label} {n}" for label, n in list(summary.label_counts.items())[:12])
+        out_console.print(f"labels: {top}")
+    if summary.errors:
+        kinds = ", ".join(f"{kind} {n}" for kind, n in summary.error_kinds.items())
+        out_console.print(f"errors: {kinds}; e.g. {summary.error_sample[0][0]}: {summary.error_sample[0][1]}")
+    if summary.failed_shards:
+        out_console.print(f"[red]{len(summary.failed_shards)} shards failed[/red]; run the same command again "
+                          "to retry them")
+
+
+def error(message: str) -> None:
+    console.print(f"[red]mlcls: error:[/red] {message}", soft_wrap=True)
+
+
+def is_tty() -> bool:
+    return sys.stderr.isatty()

@@ -1,0 +1,116 @@
+"""`mlcls tag`: arguments in, the tag-images flow (or the in-process job) out."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from mlcls.cli.options import EXIT_FAILED, add_storage_options
+from mlcls.errors import MlclsError
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tag", help="tag a folder, bucket prefix or URI list into a Parquet dataset",
+                       description="Tag every new or changed image of SOURCE into the Parquet dataset at OUT. "
+                                   "Runs as the Prefect flow tag-images (local mode, or PREFECT_API_URL).")
+    p.add_argument("source", help="folder, URL (s3://bucket/prefix), image, or URI list (.txt/.csv/.parquet)")
+    p.add_argument("--out", required=True, help="output folder or URL for the Parquet dataset")
+    p.add_argument("--model", default=None, help="bundle folder or URL (default: the embedded demo bundle)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--shard-size", type=int, default=5000, help="images per shard and part file (default: 5000)")
+    p.add_argument("--workers", type=int, default=None, help="decode threads (default: half the cores on CPU)")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="larger images get an error row instead of being decoded (default: 100,000,000)")
+    p.add_argument("--probs", default="all", help="probabilities kept: all, top-k:N or min:P (default: all)")
+    p.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16 (auto: fp32 on CPU)")
+    p.add_argument("--no-draft", action="store_true", help="decode JPEGs at full size (slower, no draft mode)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model: faster steady state after a compile of 20-70 s (cached "
+                        "across runs by torch); worth it for long runs, see bench/RESULTS.md")
+    p.add_argument("--gpu-decode", type=float, default=1.0, metavar="SHARE",
+                   help="on CUDA, the share of JPEGs decoded on the GPU (nvJPEG); the rest on CPU workers "
+                        "(default 1.0)")
+    p.add_argument("--fan-out", choices=["none", "deployment"], default="none",
+                   help="deployment: submit shards as flow runs of --shard-deployment for Prefect workers on "
+                        "any machine (needs PREFECT_API_URL and an output all workers reach, e.g. S3)")
+    p.add_argument("--shard-deployment", default="tag-shard/tag-shard", help="deployment that tags shards "
+                   "(default: tag-shard/tag-shard from deployments/prefect.yaml)")
+    p.add_argument("--shards-per-run", type=int, default=1, help="shards per fanned-out flow run (default 1)")
+    add_storage_options(p)
+    p.add_argument("--no-prefect", action="store_true", help="run in this process without Prefect (same output)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true", help="show Prefect's logs")
+    p.set_defaults(handler=cmd_tag)
+
+
+def _tag_options(args: argparse.Namespace) -> Any:
+    from mlcls.images.decode import DEFAULT_MAX_PIXELS
+    from mlcls.tag.job import TagOptions
+
+    return TagOptions(batch_size=args.batch_size, device=args.device, workers=args.workers,
+                      shard_size=args.shard_size, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+                      probs=args.probs, precision=args.precision, draft=not args.no_draft,
+                      gpu_decode=args.gpu_decode, compile=args.compile).validate()
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    from mlcls.cli.console import print_summary, progress_bar
+    from mlcls.sources import check_source
+    from mlcls.tag import job
+    from mlcls.tag.engine import resolve_device
+
+    options = _tag_options(args)
+    _check_fan_out(args)
+    resolve_device(options.device)
+    check_source(args.source, args.storage_options)  # then bundle and output: all before any work
+    job.open_run(args.out, args.model, options, args.storage_options)
+    with progress_bar(enabled=not args.quiet):
+        if args.no_prefect:
+            summary_dict = job.tag_images(args.source, args.out, args.model, options, args.storage_options).to_dict()
+        else:
+            summary_dict = _run_flow(args, options)
+    summary = job.RunSummary(**{k: v for k, v in summary_dict.items() if k != "images_per_second"})
+    print_summary(summary)
+    return EXIT_FAILED if summary.failed_shards else 0
+
+
+def _check_fan_out(args: argparse.Namespace) -> None:
+    if args.fan_out == "none":
+        return
+    if args.no_prefect:
+        raise MlclsError("--fan-out deployment runs shards on Prefect workers; drop --no-prefect")
+    if not os.environ.get("PREFECT_API_URL"):
+        raise MlclsError("--fan-out deployment needs a Prefect server with workers: set PREFECT_API_URL "
+                         "(see 'Running at scale' in the README)")
+    if args.shards_per_run < 1:
+        raise MlclsError(f"--shards-per-run must be at least 1, not {args.shards_per_run}")
+
+
+def _run_flow(args: argparse.Namespace, options: Any) -> dict[str, Any]:
+    """Run the tag-images flow in this process (Prefect's local mode unless PREFECT_API_URL is set)."""
+    if not args.verbose:
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # A busy 2-core machine can take longer than Prefect's default 20 s to start the local server.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from flows.tag import tag_images
+
+    try:
+        return _call_flow(tag_images, args, options)
+    except RuntimeError as err:
+        if "ephemeral" in str(err).lower() or "connect" in str(err).lower():
+            raise MlclsError(f"could not reach a Prefect API ({str(err).splitlines()[0]}); set PREFECT_API_URL "
+                             "to a running server, or use --no-prefect") from None
+        raise
+
+
+def _call_flow(tag_images: Any, args: argparse.Namespace, options: Any) -> dict[str, Any]:
+    return tag_images(source=args.source, out=args.out, model=args.model, batch_size=options.batch_size,
+                      device=options.device, shard_size=options.shard_size, workers=options.workers,
+                      max_pixels=options.max_pixels, probs=options.probs, precision=options.precision,
+                      draft=options.draft, gpu_decode=options.gpu_decode, compile=options.compile,
+                      storage_options=args.storage_options,
+                      fan_out=args.fan_out, shard_deployment=args.shard_deployment,
+                      shards_per_run=args.shards_per_run)

@@ -1,0 +1,5 @@
+"""`python -m mlcls.demo`: rebuild the embedded demo bundle and the example images."""
+
+from mlcls.demo.build import main
+
+main()

@@ -1,0 +1,87 @@
+"""What a decode worker runs: read files and decode them, in a thread or a process.
+
+Imports neither torch nor Prefect, so worker processes start in a fraction
+of a second and each costs tens of megabytes, not hundreds. Every failure
+becomes the image's `error`, never an exception.
+"""
+
+from __future__ import annotations
+
+import itertools
+import mmap
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mlcls.images.decode import DEFAULT_MAX_PIXELS, Decoded, plain_jpeg_size, prepare
+from mlcls.images.preprocess import Preprocess
+from mlcls.storage import describe_os_error, read_many
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """How to turn a file into a `Decoded`; small, so it travels with every task."""
+
+    preprocess: Preprocess
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    draft: bool = True
+    gpu_share: float = 0.0  # share of plain JPEGs left as bytes for the GPU to decode (0: none, 1: all)
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+
+_RINGS: dict[int, np.ndarray] = {}
+
+
+_RING_IDS = itertools.count()
+
+
+def new_ring(images: int, size: int) -> tuple[int, np.ndarray]:
+    """A shared-memory ring of `images` pixel slots, made before the decode processes fork.
+
+    Workers write pixels into their slots and send back only metadata: no
+    pixel crosses a pipe, which is what limits a process pool at a few
+    thousand images a second otherwise (bench/RESULTS.md).
+    """
+    ring_id = next(_RING_IDS)
+    buf = mmap.mmap(-1, images * size * size * 3)  # anonymous and shared: forked children see it
+    _RINGS[ring_id] = np.frombuffer(buf, dtype=np.uint8).reshape(images, size, size, 3)
+    return ring_id, _RINGS[ring_id]
+
+
+def read_error(err: BaseException) -> Decoded:
+    if isinstance(err, FileNotFoundError):
+        return Decoded(pixels=None, error="read: file not found (deleted after listing?)")
+    return Decoded(pixels=None, error=f"read: {describe_os_error(err)}")
+
+
+def decode_one(data: bytes, cfg: LoadConfig, key: str = "") -> Decoded:
+    """Pixels on the CPU, or the bytes of a plain JPEG for the GPU (`gpu_share` of them, picked by `key`).
+
+    Splitting the work lets CPU workers and the GPU's decoder run side by
+    side; the pick is a hash of the URI, so it is the same on every run.
+    """
+    if cfg.gpu_share > 0 and (cfg.gpu_share >= 1 or zlib.crc32(key.encode()) < cfg.gpu_share * 2**32):
+        size = plain_jpeg_size(data, cfg.max_pixels)
+        if size is not None:
+            return Decoded(pixels=None, width=size[0], height=size[1], jpeg=data)
+    return prepare(data, cfg.preprocess, max_pixels=cfg.max_pixels, draft=cfg.draft)
+
+
+def load_chunk(uris: Sequence[str], cfg: LoadConfig, ring: int | None = None, first_slot: int = 0) -> list[Decoded]:
+    """Read then decode a few files: the unit of work of a decode process.
+
+    With `ring`, file k's pixels go to slot `first_slot + k` of that ring.
+    """
+    results = []
+    for k, (uri, item) in enumerate(zip(uris, read_many(uris, cfg.storage_options), strict=True)):
+        d = read_error(item) if isinstance(item, BaseException) else decode_one(item, cfg, uri)
+        if ring is not None and d.pixels is not None:
+            slots = _RINGS[ring]
+            d.slot = (first_slot + k) % len(slots)
+            slots[d.slot] = d.pixels
+            d.pixels = None
+        results.append(d)
+    return results

@@ -1,0 +1,264 @@
+"""The Parquet dataset: schema, part files, and what an output already holds.
+
+One part file per shard, `part-<shard id>.parquet`, written in one atomic
+step (see `storage.write_atomic`): readers never see half a file, and since a
+shard's id is derived from its content, a retried shard overwrites its own
+part instead of adding a duplicate. The output contract is in DESIGN.md.
+
+Probabilities are a struct column `probs` with one float32 field per class
+(`probs.dog` in DuckDB, `pl.col("probs").struct.field("dog")` in polars). For
+large vocabularies a bounded mode keeps the top k classes, or those above a
+minimum probability, in a map column of the same name (`probs['dog']` reads
+both in DuckDB).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mlcls.errors import OptionError, OutputError
+from mlcls.images.decode import Decoded
+from mlcls.sources import FileRecord
+from mlcls.storage import StorageOptions, describe_os_error, full_uri, join, url_to_fs, write_atomic
+
+SCHEMA_VERSION = 1
+META_KEY = b"mlcls"
+INTERNAL_DIR = "_mlcls"
+TIMESTAMP = pa.timestamp("us", tz="UTC")
+
+
+@dataclass(frozen=True)
+class ProbsMode:
+    """Which probabilities a row keeps: `all`, `top-k:N`, or `min:P`."""
+
+    kind: str = "all"
+    value: float = 0.0
+
+    @classmethod
+    def parse(cls, spec: str) -> ProbsMode:
+        spec = (spec or "all").strip().lower()
+        if spec == "all":
+            return cls()
+        m = re.fullmatch(r"(top-k|min):([0-9.]+)", spec)
+        try:
+            if m and m.group(1) == "top-k" and int(m.group(2)) >= 1:
+                return cls("top-k", int(m.group(2)))
+            if m and m.group(1) == "min" and 0.0 <= float(m.group(2)) <= 1.0:
+                return cls("min", float(m.group(2)))
+        except ValueError:
+            pass
+        raise OptionError(f"--probs {spec!r}: use all, top-k:N (N >= 1) or min:P (0 <= P <= 1)")
+
+    def __str__(self) -> str:
+        if self.kind == "all":
+            return "all"
+        return f"top-k:{int(self.value)}" if self.kind == "top-k" else f"min:{self.value:g}"
+
+
+def schema(classes: Sequence[str], mode: ProbsMode, metadata: dict | None = None) -> pa.Schema:
+    """The output schema for a bundle's classes; `metadata` goes in the file footer."""
+    if mode.kind == "all":
+        probs_type: pa.DataType = pa.struct([pa.field(c, pa.float32()) for c in classes])
+    else:
+        probs_type = pa.map_(pa.string(), pa.float32())
+    fields = [
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("size", pa.int64()),
+        pa.field("etag", pa.string()),
+        pa.field("mtime", TIMESTAMP),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("labels", pa.list_(pa.string())),
+        pa.field("probs", probs_type),
+        pa.field("error", pa.string()),
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("tagged_at", TIMESTAMP, nullable=False),
+    ]
+    meta = {META_KEY: json.dumps(metadata).encode()} if metadata else None
+    return pa.schema(fields, metadata=meta)
+
+
+def file_metadata(*, model_id: str, digest: str, classes: Sequence[str], thresholds: Sequence[float],
+                  mode: ProbsMode) -> dict:
+    return {"schema_version": SCHEMA_VERSION, "model": model_id, "bundle_digest": digest,
+            "classes": list(classes), "thresholds": [float(t) for t in thresholds], "probs": str(mode)}
+
+
+def build_table(records: Sequence[FileRecord], decoded: Sequence[Decoded], probs: np.ndarray,
+                *, classes: Sequence[str], thresholds: np.ndarray, mode: ProbsMode,
+                model_id: str, run_id: str, tagged_at: datetime, metadata: dict) -> pa.Table:
+    """One shard's rows. `probs` has a row per record (ignored where `decoded` has an error)."""
+    n = len(records)
+    failed = np.array([d.error is not None for d in decoded], dtype=bool)
+    hits = (probs >= thresholds) & ~failed[:, None]
+    labels = _labels_column(hits, classes, failed)
+    columns = {
+        "uri": pa.array([r.uri for r in records], pa.string()),
+        "size": pa.array([r.size for r in records], pa.int64()),
+        "etag": pa.array([r.etag for r in records], pa.string()),
+        "mtime": pa.array([r.mtime for r in records], TIMESTAMP),
+        "width": pa.array([d.width for d in decoded], pa.int32()),
+        "height": pa.array([d.height for d in decoded], pa.int32()),
+        "labels": labels,
+        "probs": _probs_column(probs, classes, failed, mode),
+        "error": pa.array([d.error for d in decoded], pa.string()),
+        "model": pa.array([model_id] * n, pa.string()),
+        "run_id": pa.array([run_id] * n, pa.string()),
+        "tagged_at": pa.array([tagged_at] * n, TIMESTAMP),
+    }
+    return pa.table(columns, schema=schema(classes, mode, metadata))
+
+
+def _labels_column(hits: np.ndarray, classes: Sequence[str], failed: np.ndarray) -> pa.Array:
+    rows, cols = np.nonzero(hits)
+    offsets = np.zeros(len(hits) + 1, dtype=np.int32)
+    np.cumsum(np.bincount(rows, minlength=len(hits)), out=offsets[1:])
+    values = pa.array(np.asarray(classes, dtype=object)[cols] if len(cols) else [], pa.string())
+    return pa.ListArray.from_arrays(pa.array(offsets), values, mask=pa.array(failed))
+
+
+def _probs_column(probs: np.ndarray, classes: Sequence[str], failed: np.ndarray, mode: ProbsMode) -> pa.Array:
+    probs = np.where(failed[:, None], np.float32(0), probs).astype(np.float32, copy=False)
+    mask = pa.array(failed)
+    if mode.kind == "all":
+        children = [pa.array(probs[:, j]) for j in range(len(classes))]
+        return pa.StructArray.from_arrays(children, names=list(classes), mask=mask)
+    if mode.kind == "top-k":
+        k = min(int(mode.value), probs.shape[1])
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        keep = np.zeros_like(probs, dtype=bool)
+        np.put_along_axis(keep, order, True, axis=1)
+    else:
+        keep = probs >= mode.value
+        order = np.argsort(-probs, axis=1, kind="stable")
+    keep &= ~failed[:, None]
+    rows, cols = [], []
+    for i in range(len(probs)):  # keep each row's entries in descending probability
+        sel = [j for j in order[i] if keep[i, j]]
+        rows.extend([i] * len(sel))
+        cols.extend(sel)
+    offsets = np.zeros(len(probs) + 1, dtype=np.int32)
+    np.cumsum(np.bincount(np.asarray(rows, dtype=np.int64), minlength=len(probs)), out=offsets[1:])
+    keys = pa.array(np.asarray(classes, dtype=object)[cols] if cols else [], pa.string())
+    items = pa.array(probs[rows, cols] if cols else np.zeros(0, np.float32), pa.float32())
+    return pa.MapArray.from_arrays(pa.array(offsets), keys, items, mask=mask)
+
+
+def part_name(shard_id: str) -> str:
+    return f"part-{shard_id}.parquet"
+
+
+def dictionary_columns(schema: pa.Schema) -> list[str]:
+    """Dictionary-encode the text columns only: on probabilities it makes files a third larger and reads
+    about 30% slower (measured on 100 classes), as no two floats repeat."""
+    names = []
+    for f in schema:
+        if pa.types.is_string(f.type) or pa.types.is_large_string(f.type):
+            names.append(f.name)
+        elif pa.types.is_list(f.type) and pa.types.is_string(f.type.value_type):
+            names.append(f"{f.name}.list.element")
+    return names
+
+
+def write_part(out: str, shard_id: str, table: pa.Table, storage_options: StorageOptions = None) -> str:
+    """Write one shard's table as a part file, atomically; return its URI."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd", row_group_size=max(1, min(len(table), 100_000)),
+                   use_dictionary=dictionary_columns(table.schema))
+    fs, base = url_to_fs(out, storage_options)
+    path = join(base, part_name(shard_id))
+    try:
+        write_atomic(fs, path, buf.getvalue())
+    except OSError as err:
+        raise OutputError(f"cannot write {full_uri(fs, path)}: {describe_os_error(err)}") from err
+    return full_uri(fs, path)
+
+
+def list_parts(out: str, storage_options: StorageOptions = None) -> list[str]:
+    """Paths of the dataset's Parquet files (hidden and `_`-prefixed entries are not data)."""
+    fs, base = url_to_fs(out, storage_options)
+    if not fs.exists(base):
+        return []
+    paths = fs.find(base)
+    data = []
+    for p in paths:
+        rel = p[len(base):].lstrip("/")
+        if p.endswith(".parquet") and not any(part[:1] in "._" for part in rel.split("/")):
+            data.append(p)
+    return sorted(data)
+
+
+def read_identities(out: str, model_id: str, storage_options: StorageOptions = None) -> pa.Table:
+    """`uri`, `etag`, `mtime` of every row `model_id` already wrote, read column-wise in batches."""
+    import pyarrow.dataset as ds
+
+    parts = list_parts(out, storage_options)
+    empty = pa.table({"uri": pa.array([], pa.string()), "etag": pa.array([], pa.string()),
+                      "mtime": pa.array([], TIMESTAMP)})
+    if not parts:
+        return empty
+    fs, _ = url_to_fs(out, storage_options)
+    dataset = ds.dataset(parts, format="parquet", filesystem=fs)
+    table = dataset.to_table(columns=["uri", "etag", "mtime"], filter=ds.field("model") == model_id)
+    return table if table.num_rows else empty
+
+
+def read_errors(out: str, run_id: str, limit: int = 1000,
+                storage_options: StorageOptions = None) -> tuple[list[tuple[str, str]], int]:
+    """Up to `limit` (uri, error) rows a run wrote, and how many there are in all.
+
+    Read back from the parts rather than collected in memory, so a run with
+    millions of images (on many machines) still lists what it could not tag.
+    """
+    import pyarrow.dataset as ds
+
+    parts = list_parts(out, storage_options)
+    if not parts:
+        return [], 0
+    fs, _ = url_to_fs(out, storage_options)
+    dataset = ds.dataset(parts, format="parquet", filesystem=fs)
+    table = dataset.to_table(columns=["uri", "error"],
+                             filter=(ds.field("run_id") == run_id) & ds.field("error").is_valid())
+    table = table.sort_by("uri")
+    rows = list(zip(table["uri"].to_pylist()[:limit], table["error"].to_pylist()[:limit], strict=True))
+    return rows, table.num_rows
+
+
+def check_output(out: str, classes: Sequence[str], mode: ProbsMode, storage_options: StorageOptions = None) -> None:
+    """Fail before any work if `out` cannot be written or holds tags of other classes."""
+    try:
+        fs, base = url_to_fs(out, storage_options)
+        if fs.exists(base) and fs.isfile(base):
+            raise OutputError(f"output {out} is a file; give a folder or prefix")
+        probe = join(base, INTERNAL_DIR, ".write-probe")
+        write_atomic(fs, probe, b"")
+        fs.rm(probe)
+    except OutputError:
+        raise
+    except (OSError, ValueError, ImportError) as err:
+        raise OutputError(f"cannot write to output {out}: {describe_os_error(err)}") from err
+    parts = list_parts(out, storage_options)
+    if parts:
+        _check_compatible(fs, parts[0], out, classes, mode)
+
+
+def _check_compatible(fs, part: str, out: str, classes: Sequence[str], mode: ProbsMode) -> None:
+    with fs.open(part, "rb") as f:
+        meta = pq.read_schema(f).metadata or {}
+    existing = json.loads(meta.get(META_KEY, b"{}"))
+    if existing.get("classes") not in (None, list(classes)):
+        raise OutputError(f"output {out} holds tags for other classes ({len(existing['classes'])} classes, "
+                          f"e.g. {', '.join(existing['classes'][:3])}); write this model's tags to another --out")
+    if (existing.get("probs", "all") == "all") != (mode.kind == "all"):
+        raise OutputError(f"output {out} was written with --probs {existing['probs']}; its probs column "
+                          f"cannot hold --probs {mode}: use the same kind, or another --out")

@@ -1,0 +1,319 @@
+"""The tagging job as steps: open, plan, tag each shard, finish.
+
+Each step is a plain function with small, serialisable inputs and outputs,
+so `flows/` can wrap each in a Prefect task (retries, logs, artifacts) and
+`tag()` can run them all in-process where there is no Prefect (a notebook, a
+GPU box with only torch, the benchmarks). Models, engines and decode pools
+are cached per process: many shards pay their start-up once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from mlcls import progress
+from mlcls.bundle import Bundle, load_bundle, resolve_model
+from mlcls.errors import OptionError
+from mlcls.images.decode import DEFAULT_MAX_PIXELS
+from mlcls.images.gpu import GpuJpegDecoder
+from mlcls.output.parts import ProbsMode, build_table, check_output, file_metadata, write_part
+from mlcls.storage import StorageOptions, join, url_to_fs, write_atomic
+from mlcls.tag.engine import PRECISIONS, Engine, get_engine
+from mlcls.tag.loader import Loader, default_decode_workers
+from mlcls.tag.plan import RunPlan, Shard, plan_shards, read_shard, remove_manifests, run_dir
+
+_ERROR_SAMPLE = 20
+
+
+@dataclass(frozen=True)
+class TagOptions:
+    """Knobs of a tagging run; every field has a default that works."""
+
+    batch_size: int = 64
+    device: str = "auto"
+    workers: int | None = None
+    io_workers: int | None = None
+    shard_size: int = 5000
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    draft: bool = True
+    probs: str = "all"
+    precision: str = "auto"
+    compile: bool = False
+    gpu_decode: float = 1.0
+
+    def validate(self) -> TagOptions:
+        """Raise `OptionError` for a value that cannot work; return self."""
+        for name in ("batch_size", "shard_size", "max_pixels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise OptionError(f"--{name.replace('_', '-')} must be a positive integer, not {value!r}")
+        for name in ("workers", "io_workers"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise OptionError(f"--{name.replace('_', '-')} must be a positive integer, not {value!r}")
+        if not isinstance(self.gpu_decode, (int, float)) or not 0.0 <= self.gpu_decode <= 1.0:
+            raise OptionError(f"--gpu-decode must be a share between 0 and 1, not {self.gpu_decode!r}")
+        if self.precision not in PRECISIONS:
+            raise OptionError(f"--precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        ProbsMode.parse(self.probs)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> TagOptions:
+        d = d or {}
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise OptionError(f"unknown tagging options: {', '.join(sorted(unknown))}")
+        return cls(**d).validate()
+
+
+@dataclass
+class ShardResult:
+    """What one shard did; small, so a Prefect task can return it."""
+
+    shard: str
+    images: int = 0
+    tagged: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    part: str = ""
+    label_counts: dict[str, int] = field(default_factory=dict)
+    error_kinds: dict[str, int] = field(default_factory=dict)
+    error_sample: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class RunSummary:
+    """The whole run, as shown to the user and written to `_mlcls/runs/<run id>/summary.json`."""
+
+    run_id: str
+    source: str
+    out: str
+    model: str
+    listed: int = 0
+    already_done: int = 0
+    new: int = 0
+    images: int = 0
+    tagged: int = 0
+    errors: int = 0
+    shards: int = 0
+    failed_shards: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    tag_seconds: float = 0.0
+    label_counts: dict[str, int] = field(default_factory=dict)
+    error_kinds: dict[str, int] = field(default_factory=dict)
+    error_sample: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        """Steady-state rate: images over the time spent in shards (start-up excluded)."""
+        return self.images / self.tag_seconds if self.tag_seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["images_per_second"] = round(self.images_per_second, 2)
+        return d
+
+
+def new_run_id() -> str:
+    """Sortable by time, unique across machines."""
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
+
+
+_BUNDLES: dict[tuple, Bundle] = {}
+_LOADERS: dict[tuple, Loader] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def get_bundle(model: str | None, storage_options: StorageOptions = None) -> Bundle:
+    """Load a bundle once per process; reloaded if its files change (size, mtime or etag)."""
+    url = resolve_model(model)
+    fs, base = url_to_fs(url, storage_options)
+    try:
+        infos = tuple(sorted((k, str(v)) for p in fs.ls(base, detail=True)
+                             for k, v in p.items() if k in ("name", "size", "mtime", "ETag", "LastModified")))
+    except (OSError, ValueError):
+        infos = ()
+    key = (url, infos)
+    with _CACHE_LOCK:
+        if infos and key in _BUNDLES:
+            return _BUNDLES[key]
+    bundle = load_bundle(url, storage_options)
+    with _CACHE_LOCK:
+        _BUNDLES[key] = bundle
+    return bundle
+
+
+def get_loader(bundle: Bundle, options: TagOptions, engine: Engine, *, remote: bool,
+               storage_options: StorageOptions = None) -> Loader:
+    """One decode pool per process and configuration; remote files get more reads in flight."""
+    device_type = engine.device.type
+    workers = options.workers or default_decode_workers(device_type)
+    io_workers = options.io_workers or (32 if remote else 8)
+    gpu = device_type == "cuda" and options.gpu_decode > 0
+    key = (bundle.preprocess, options.batch_size, workers, io_workers, options.max_pixels, options.draft,
+           str(engine.device), options.gpu_decode if gpu else 0.0,
+           json.dumps(storage_options or {}, sort_keys=True, default=str))
+    with _CACHE_LOCK:
+        loader = _LOADERS.get(key)
+        if loader is None:
+            loader = _LOADERS[key] = Loader(
+                bundle.preprocess, decode_workers=workers, io_workers=io_workers, max_pixels=options.max_pixels,
+                draft=options.draft, storage_options=storage_options, pin_memory=device_type == "cuda",
+                gpu_decoder=GpuJpegDecoder(bundle.preprocess, engine.device) if gpu else None,
+                gpu_share=options.gpu_decode, ring_images=max(1024, 4 * options.batch_size))
+        return loader
+
+
+def engine_for(bundle: Bundle, options: TagOptions) -> Engine:
+    """The process-wide engine for these options (compiled engines pad every batch to one size)."""
+    return get_engine(bundle, options.device, precision=options.precision, compile=options.compile,
+                      batch_size=options.batch_size if options.compile else None)
+
+
+def open_run(out: str, model: str | None, options: TagOptions,
+             storage_options: StorageOptions = None) -> Bundle:
+    """Check everything that can be checked before any work: options, bundle, output."""
+    options.validate()
+    bundle = get_bundle(model, storage_options)
+    check_output(out, bundle.classes, ProbsMode.parse(options.probs), storage_options)
+    return bundle
+
+
+def plan_run(source: str | Sequence[str], out: str, bundle: Bundle, options: TagOptions, run_id: str,
+             storage_options: StorageOptions = None, limit: int | None = None) -> RunPlan:
+    """List and subtract; emits `planned` with the number of images to tag."""
+    plan = plan_shards(source, out, bundle.model_id, shard_size=options.shard_size, run_id=run_id,
+                       storage_options=storage_options, limit=limit)
+    progress.emit(progress.Event("planned", total=plan.new))
+    return plan
+
+
+def tag_shard(shard: Shard, *, model: str | None, out: str, options: TagOptions, run_id: str,
+              storage_options: StorageOptions = None) -> ShardResult:
+    """Tag one shard's files and write its part file; image failures become error rows."""
+    started = time.perf_counter()
+    bundle = get_bundle(model, storage_options)
+    engine = engine_for(bundle, options)
+    records = read_shard(shard, storage_options)
+    remote = bool(records) and "://" in records[0].uri
+    loader = get_loader(bundle, options, engine, remote=remote, storage_options=storage_options)
+    n_classes = len(bundle.classes)
+    probs = np.zeros((len(records), n_classes), dtype=np.float32)
+    decoded = []
+    for batch in loader.batches(records, options.batch_size):
+        start = len(decoded)
+        order, pixels = loader.device_pixels(batch, engine.device)
+        if order:
+            probs[[start + i for i in order]] = engine.probs(pixels)
+        decoded.extend(batch.decoded)  # after device_pixels: a GPU decode failure is replaced by the CPU's result
+        failed = len(batch.decoded) - len(order)
+        progress.emit(progress.Event("images", count=len(batch.decoded), errors=failed, shard=shard.id))
+    mode = ProbsMode.parse(options.probs)
+    meta = file_metadata(model_id=bundle.model_id, digest=bundle.digest, classes=bundle.classes,
+                         thresholds=bundle.thresholds, mode=mode)
+    table = build_table(records, decoded, probs, classes=bundle.classes, thresholds=engine.thresholds,
+                        mode=mode, model_id=bundle.model_id, run_id=run_id,
+                        tagged_at=datetime.now(UTC), metadata=meta)
+    part = write_part(out, shard.id, table, storage_options)
+    result = _shard_result(shard, records, decoded, probs >= engine.thresholds, bundle.classes)
+    result.part, result.seconds = part, time.perf_counter() - started
+    progress.emit(progress.Event("shard_done", count=len(records), errors=result.errors, shard=shard.id))
+    return result
+
+
+def _shard_result(shard: Shard, records, decoded, hits: np.ndarray, classes) -> ShardResult:
+    ok = np.array([d.error is None for d in decoded], dtype=bool)
+    counts = hits[ok].sum(axis=0) if ok.any() else np.zeros(len(classes), dtype=int)
+    errors = [(r.uri, d.error) for r, d in zip(records, decoded, strict=True) if d.error]
+    return ShardResult(
+        shard=shard.id, images=len(records), tagged=int(ok.sum()), errors=len(errors),
+        label_counts={c: int(n) for c, n in zip(classes, counts, strict=True)},
+        error_kinds=dict(Counter(e.split(":", 1)[0] for _, e in errors)),
+        error_sample=errors[:_ERROR_SAMPLE],
+    )
+
+
+def save_shard_result(out: str, run_id: str, result: ShardResult, storage_options: StorageOptions = None) -> None:
+    """Record a shard's result next to the data, where a fan-out parent on any machine can read it."""
+    fs, base = url_to_fs(run_dir(out, run_id), storage_options)
+    write_atomic(fs, join(base, "results", f"{result.shard}.json"), json.dumps(asdict(result)).encode())
+
+
+def load_shard_results(out: str, run_id: str, shard_ids: Sequence[str],
+                       storage_options: StorageOptions = None) -> dict[str, ShardResult]:
+    """The recorded results of these shards (missing ones are left out)."""
+    fs, base = url_to_fs(run_dir(out, run_id), storage_options)
+    found = {}
+    for sid in shard_ids:
+        try:
+            d = json.loads(fs.cat_file(join(base, "results", f"{sid}.json")))
+        except FileNotFoundError:
+            continue
+        d["error_sample"] = [tuple(e) for e in d.get("error_sample", [])]
+        found[sid] = ShardResult(**d)
+    return found
+
+
+def summarize(plan: RunPlan, results: Sequence[ShardResult], *, source: str, out: str, model_id: str,
+              seconds: float, failed_shards: Sequence[str] = ()) -> RunSummary:
+    labels: Counter[str] = Counter()
+    kinds: Counter[str] = Counter()
+    for r in results:
+        labels.update(r.label_counts)
+        kinds.update(r.error_kinds)
+    return RunSummary(
+        run_id=plan.run_id, source=source, out=out, model=model_id, listed=plan.listed,
+        already_done=plan.done, new=plan.new, images=sum(r.images for r in results),
+        tagged=sum(r.tagged for r in results), errors=sum(r.errors for r in results),
+        shards=len(plan.shards), failed_shards=list(failed_shards), seconds=seconds,
+        tag_seconds=sum(r.seconds for r in results), label_counts=dict(labels.most_common()),
+        error_kinds=dict(kinds), error_sample=[e for r in results for e in r.error_sample][:_ERROR_SAMPLE],
+    )
+
+
+def finish_run(summary: RunSummary, storage_options: StorageOptions = None) -> None:
+    """Write the run's summary next to the data and drop its shard manifests (nothing for an empty run)."""
+    if summary.shards == 0:
+        return
+    fs, base = url_to_fs(run_dir(summary.out, summary.run_id), storage_options)
+    write_atomic(fs, join(base, "summary.json"), json.dumps(summary.to_dict(), indent=2).encode())
+    if not summary.failed_shards:
+        remove_manifests(summary.out, summary.run_id, storage_options)
+
+
+def tag_images(source: str | Sequence[str], out: str, model: str | None = None, options: TagOptions | None = None,
+        storage_options: StorageOptions = None, run_id: str | None = None) -> RunSummary:
+    """The whole job in this process, without Prefect: the same steps the flow runs."""
+    started = time.perf_counter()
+    options = options or TagOptions()
+    run_id = run_id or new_run_id()
+    bundle = open_run(out, model, options, storage_options)
+    plan = plan_run(source, out, bundle, options, run_id, storage_options)
+    results = [tag_shard(s, model=model, out=out, options=options, run_id=run_id,
+                         storage_options=storage_options) for s in plan.shards]
+    summary = summarize(plan, results, source=describe_source(source), out=out, model_id=bundle.model_id,
+                        seconds=time.perf_counter() - started)
+    finish_run(summary, storage_options)
+    return summary
+
+
+def describe_source(source: str | Sequence[str]) -> str:
+    if isinstance(source, str):
+        return source
+    digest = hashlib.sha1("\n".join(source).encode()).hexdigest()[:8]
+    return f"<{len(source)} URIs {digest}>"

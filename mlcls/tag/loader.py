@@ -1,0 +1,212 @@
+"""Read and decode ahead of the model, in order, with bounded memory.
+
+Two ways to run the workers, chosen by how many there are:
+
+- threads, for a few workers (a small CPU box, where the model needs the
+  cores): fsspec reads wait on I/O and Pillow releases the GIL while it
+  decodes and resizes, so threads overlap both with the forward pass at no
+  start-up cost; reads may run many at a time, decodes are capped;
+- processes, for many workers (a GPU box with 16 cores): Python's share of
+  each decode holds the GIL, so threads stop scaling at a few hundred images
+  a second (measured in bench/RESULTS.md); processes each read and decode
+  chunks of files and send back pixels. They are forked, as torch's
+  DataLoader does on Linux: a forkserver or spawned worker re-runs the
+  caller's main module and starts in seconds, not milliseconds. The pool is
+  started with the Loader, so its start-up is not paid inside a shard.
+
+Either way the pool lives for the process, not for one shard, and at most
+`prefetch` batches are in flight.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import os
+import threading
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from itertools import islice
+
+import numpy as np
+import torch
+
+from mlcls.images.decode import Decoded
+from mlcls.images.gpu import GpuJpegDecoder
+from mlcls.images.load import LoadConfig, decode_one, load_chunk, new_ring, read_error
+from mlcls.images.preprocess import Preprocess
+from mlcls.sources import FileRecord
+from mlcls.storage import StorageOptions, read_one
+
+PROCESS_THRESHOLD = 4  # this many decode workers or more run as processes
+
+
+def default_decode_workers(device_type: str) -> int:
+    """Leave the model its cores on CPU; use them all to feed a GPU."""
+    cores = os.cpu_count() or 1
+    return max(1, cores - 1) if device_type == "cuda" else max(1, cores // 2)
+
+
+@dataclass
+class ImageBatch:
+    """Consecutive records with their decode results.
+
+    `pixels` stacks the CPU-decoded images (positions `ok`); positions `gpu`
+    hold JPEG bytes still to be decoded on the device (`Loader.device_pixels`).
+    """
+
+    records: list[FileRecord]
+    decoded: list[Decoded]
+    ok: list[int]
+    pixels: torch.Tensor
+    gpu: list[int] = field(default_factory=list)
+
+
+class Loader:
+    """Turns file records into batches of decoded pixels, reading and decoding ahead."""
+
+    def __init__(self, preprocess: Preprocess, *, decode_workers: int = 1, io_workers: int = 8,
+                 max_pixels: int | None = None, draft: bool = True, storage_options: StorageOptions = None,
+                 pin_memory: bool = False, gpu_decoder: GpuJpegDecoder | None = None, gpu_share: float = 1.0,
+                 processes: bool | None = None, ring_images: int = 1024) -> None:
+        self.preprocess = preprocess
+        self.config = LoadConfig(preprocess=preprocess, draft=draft,
+                                 gpu_share=gpu_share if gpu_decoder is not None else 0.0,
+                                 storage_options=dict(storage_options or {}),
+                                 **({"max_pixels": max_pixels} if max_pixels else {}))
+        self.gpu_decoder = gpu_decoder
+        self.pin_memory = pin_memory
+        self.processes = decode_workers >= PROCESS_THRESHOLD if processes is None else processes
+        self.decode_workers = decode_workers
+        self._decode_slots = threading.Semaphore(decode_workers)
+        self._pool: Executor
+        if self.processes:
+            self._ring_id, self._ring = new_ring(ring_images, preprocess.size)
+            self._pool = ProcessPoolExecutor(max_workers=decode_workers, mp_context=_context())
+            for f in [self._pool.submit(_ready) for _ in range(decode_workers)]:
+                f.result()
+        else:
+            self._pool = ThreadPoolExecutor(max_workers=io_workers + decode_workers, thread_name_prefix="mlcls-load")
+
+    def load(self, record: FileRecord) -> Decoded:
+        """Read then decode one file in this process; any failure becomes its error."""
+        try:
+            data = read_one(record.uri, self.config.storage_options)
+        except Exception as err:  # noqa: BLE001 - any filesystem error is this file's error
+            return read_error(err)
+        with self._decode_slots:
+            return decode_one(data, self.config, record.uri)
+
+    def decoded(self, records: Iterable[FileRecord], window: int,
+                held: int = 0) -> Iterator[tuple[FileRecord, Decoded]]:
+        """Yield (record, decoded) in input order, keeping about `window` files in flight.
+
+        In process mode a decoded image's pixels are a view of a ring slot,
+        valid until `window + held` more images have been yielded: the caller
+        holds at most `held` of them before copying (as `batches` does).
+        """
+        if self.processes:
+            window = max(1, min(window, len(self._ring) - held))
+            chunk = max(1, min(16, window // (4 * self.decode_workers) or 1))
+            starts = itertools.count(0, chunk)
+            tasks = ((batch, self._pool.submit(load_chunk, [r.uri for r in batch], self.config, self._ring_id,
+                                               next(starts) % len(self._ring)))
+                     for batch in _chunked(records, chunk))
+            for batch, decoded in _in_order(tasks, max(1, window // chunk)):
+                for d in decoded:
+                    if d.slot is not None:
+                        d.pixels = self._ring[d.slot]
+                yield from zip(batch, decoded, strict=True)
+        else:
+            tasks = ((r, self._pool.submit(self.load, r)) for r in records)
+            yield from _in_order(tasks, window)
+
+    def batches(self, records: Iterable[FileRecord], batch_size: int, prefetch: int = 3) -> Iterator[ImageBatch]:
+        """Batches of `batch_size` records; decoding runs `prefetch` batches ahead."""
+        chunk: list[tuple[FileRecord, Decoded]] = []
+        for item in self.decoded(records, window=batch_size * prefetch, held=batch_size):
+            chunk.append(item)
+            if len(chunk) == batch_size:
+                yield self._collate(chunk)
+                chunk = []
+        if chunk:
+            yield self._collate(chunk)
+
+    def _collate(self, chunk: list[tuple[FileRecord, Decoded]]) -> ImageBatch:
+        ok = [i for i, (_, d) in enumerate(chunk) if d.pixels is not None]
+        gpu = [i for i, (_, d) in enumerate(chunk) if d.jpeg is not None]
+        size = self.preprocess.size
+        if ok:
+            pixels = torch.from_numpy(np.stack([chunk[i][1].pixels for i in ok]))
+        else:
+            pixels = torch.empty((0, size, size, 3), dtype=torch.uint8)
+        for _, d in chunk:  # the batch owns the pixels now; ring slots get reused, memory stays bounded
+            d.pixels, d.slot = None, None
+        if self.pin_memory:
+            pixels = pixels.pin_memory()
+        return ImageBatch(records=[r for r, _ in chunk], decoded=[d for _, d in chunk], ok=ok, pixels=pixels, gpu=gpu)
+
+    def device_pixels(self, batch: ImageBatch, device: torch.device) -> tuple[list[int], torch.Tensor]:
+        """All of the batch's decodable images on `device`, and their positions in the batch.
+
+        GPU-decodes the batch's JPEGs; one the GPU cannot decode goes through
+        the CPU path, which gives it pixels or its error row.
+        """
+        order = list(batch.ok)
+        parts = [batch.pixels.to(device, non_blocking=True)] if batch.ok else []
+        if batch.gpu:
+            assert self.gpu_decoder is not None
+            images = self.gpu_decoder.decode([batch.decoded[i].jpeg for i in batch.gpu])
+            cpu_config = replace(self.config, gpu_share=0.0)
+            for i, img in zip(batch.gpu, images, strict=True):
+                if img is None:
+                    batch.decoded[i] = decode_one(batch.decoded[i].jpeg, cpu_config)
+                    if batch.decoded[i].pixels is None:
+                        continue
+                    img = torch.from_numpy(np.ascontiguousarray(batch.decoded[i].pixels)).to(device)
+                    batch.decoded[i].pixels = None
+                batch.decoded[i].jpeg = None
+                parts.append(img[None])
+                order.append(i)
+        if not parts:
+            size = self.preprocess.size
+            return [], torch.empty((0, size, size, 3), dtype=torch.uint8, device=device)
+        return order, torch.cat(parts)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    """fork where there is one (Linux): workers run only PIL, numpy and fsspec code."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods and os.name == "posix" else "spawn")
+
+
+def _ready() -> bool:
+    return True
+
+
+def _chunked(records: Iterable[FileRecord], size: int) -> Iterator[list[FileRecord]]:
+    it = iter(records)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
+def _in_order(tasks: Iterator[tuple], window: int) -> Iterator[tuple]:
+    """(key, future) pairs in, (key, result) out in the same order, at most `window` pending."""
+    pending: deque[tuple[object, Future]] = deque()
+    try:
+        for key, fut in tasks:
+            pending.append((key, fut))
+            if len(pending) >= window:
+                k, f = pending.popleft()
+                yield k, f.result()
+        while pending:
+            k, f = pending.popleft()
+            yield k, f.result()
+    finally:
+        for _, f in pending:
+            f.cancel()

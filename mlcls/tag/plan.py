@@ -1,0 +1,158 @@
+"""Plan a run: subtract what the output already holds, cut the rest into shards.
+
+A file is done when the output has a row with the same URI, the same
+identity (etag where the store gives one, else mtime) and the same model.
+The listing streams through in chunks; only a compact set of 64-bit keys of
+the done rows is held in memory, and each shard's file list is written as a
+small Arrow file under `<out>/_mlcls/runs/<run id>/shards/`, so a task (or a
+worker on another machine) receives a shard id and a URL, never a list of rows.
+
+A shard's id is a hash of the model and of its files' identities: the same
+work gets the same id, so a retried shard overwrites its own part file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mlcls.output.parts import INTERNAL_DIR, TIMESTAMP, read_identities
+from mlcls.sources import FileRecord, ListingStats, iter_source
+from mlcls.storage import StorageOptions, full_uri, join, url_to_fs, write_atomic
+
+MANIFEST_SCHEMA = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("etag", pa.string()),
+                             ("mtime", TIMESTAMP)])
+_CHUNK = 10_000
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A unit of work: `count` files listed in the Arrow file at `manifest`."""
+
+    id: str
+    count: int
+    manifest: str
+
+
+@dataclass
+class RunPlan:
+    """What a run will do, and what it found already done."""
+
+    run_id: str
+    listed: int = 0
+    done: int = 0
+    skipped: int = 0
+    shards: list[Shard] = field(default_factory=list)
+
+    @property
+    def new(self) -> int:
+        return sum(s.count for s in self.shards)
+
+
+def identity_keys(table: pa.Table) -> np.ndarray:
+    """64-bit keys of (uri, etag, else mtime): equal files give equal keys.
+
+    Plain hashlib, so planning needs nothing beyond pyarrow (a GPU box with
+    only torch can run the library); about a microsecond per row.
+    """
+    uris = table.column("uri").to_pylist()
+    etags = table.column("etag").to_pylist()
+    mtimes = pc.cast(table.column("mtime"), pa.int64()).to_pylist()
+    keys = np.empty(len(uris), dtype=np.uint64)
+    for i, (uri, etag, mtime) in enumerate(zip(uris, etags, mtimes, strict=True)):
+        ident = etag if etag is not None else ("" if mtime is None else str(mtime))
+        keys[i] = int.from_bytes(hashlib.blake2b(f"{uri}\0{ident}".encode(), digest_size=8).digest(), "little")
+    return keys
+
+
+def records_table(records: Sequence[FileRecord]) -> pa.Table:
+    return pa.table({
+        "uri": pa.array([r.uri for r in records], pa.string()),
+        "size": pa.array([r.size for r in records], pa.int64()),
+        "etag": pa.array([r.etag for r in records], pa.string()),
+        "mtime": pa.array([r.mtime for r in records], TIMESTAMP),
+    }, schema=MANIFEST_SCHEMA)
+
+
+def shard_id(model_id: str, table: pa.Table) -> str:
+    """Content-derived, stable across processes and versions."""
+    h = hashlib.blake2b(model_id.encode(), digest_size=8)
+    for uri, etag, mtime in zip(*(table.column(c).to_pylist() for c in ("uri", "etag", "mtime")), strict=True):
+        h.update(f"{uri}\0{etag}\0{mtime}\n".encode())
+    return h.hexdigest()
+
+
+def run_dir(out: str, run_id: str) -> str:
+    return join(out.rstrip("/"), INTERNAL_DIR, "runs", run_id)
+
+
+def plan_shards(source: str | Sequence[str], out: str, model_id: str, *, shard_size: int, run_id: str,
+                storage_options: StorageOptions = None, limit: int | None = None) -> RunPlan:
+    """List `source`, drop what `out` holds for `model_id`, write shard manifests; return the plan."""
+    done_keys = np.unique(identity_keys(read_identities(out, model_id, storage_options)))
+    plan = RunPlan(run_id=run_id)
+    stats = ListingStats()
+    pending: list[pa.Table] = []
+    pending_rows = 0
+    for chunk in _chunks(iter_source(source, storage_options, stats), _CHUNK, limit):
+        plan.listed += chunk.num_rows
+        keys = identity_keys(chunk)
+        new = chunk.filter(pa.array(~np.isin(keys, done_keys, assume_unique=False)))
+        plan.done += chunk.num_rows - new.num_rows
+        pending.append(new)
+        pending_rows += new.num_rows
+        while pending_rows >= shard_size:
+            table = pa.concat_tables(pending)
+            plan.shards.append(_write_shard(out, run_id, model_id, table.slice(0, shard_size), storage_options))
+            pending, pending_rows = [table.slice(shard_size)], table.num_rows - shard_size
+    if pending_rows:
+        plan.shards.append(_write_shard(out, run_id, model_id, pa.concat_tables(pending), storage_options))
+    plan.skipped = stats.skipped
+    return plan
+
+
+def _chunks(records: Iterator[FileRecord], size: int, limit: int | None) -> Iterator[pa.Table]:
+    batch: list[FileRecord] = []
+    for n, record in enumerate(records):
+        if limit is not None and n >= limit:
+            break
+        batch.append(record)
+        if len(batch) == size:
+            yield records_table(batch)
+            batch = []
+    if batch:
+        yield records_table(batch)
+
+
+def _write_shard(out: str, run_id: str, model_id: str, table: pa.Table, storage_options: StorageOptions) -> Shard:
+    table = table.combine_chunks()
+    sid = shard_id(model_id, table)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, MANIFEST_SCHEMA) as writer:
+        writer.write_table(table)
+    fs, base = url_to_fs(run_dir(out, run_id), storage_options)
+    path = join(base, "shards", f"{sid}.arrow")
+    write_atomic(fs, path, sink.getvalue().to_pybytes())
+    return Shard(id=sid, count=table.num_rows, manifest=full_uri(fs, path))
+
+
+def read_shard(shard: Shard, storage_options: StorageOptions = None) -> list[FileRecord]:
+    """The file records of a shard, from its manifest."""
+    fs, path = url_to_fs(shard.manifest, storage_options)
+    with fs.open(path, "rb") as f:
+        table = pa.ipc.open_file(pa.BufferReader(f.read())).read_all()
+    cols = [table.column(c).to_pylist() for c in ("uri", "size", "etag", "mtime")]
+    return [FileRecord(uri=u, size=s, etag=e, mtime=m) for u, s, e, m in zip(*cols, strict=True)]
+
+
+def remove_manifests(out: str, run_id: str, storage_options: StorageOptions = None) -> None:
+    """Delete a finished run's shard manifests (the summary stays)."""
+    fs, base = url_to_fs(run_dir(out, run_id), storage_options)
+    target = join(base, "shards")
+    if fs.exists(target):
+        fs.rm(target, recursive=True)
