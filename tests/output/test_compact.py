@@ -13,8 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_images
-from synth_outputs import CLASSES, THRESHOLDS, newest_rows, stored_rows, synthetic_table, write_synthetic
 
 from mlcls.cli.main import main
 from mlcls.output.compact import compact, compact_steps, plan_compaction
@@ -23,8 +21,10 @@ from mlcls.output.query import LabelQuery, label_query, sql
 from mlcls.output.reader import OutputTable
 from mlcls.output.stats import compute_stats
 from mlcls.tag import job
+from tests.helpers.images import write_images
+from tests.helpers.outputs import CLASSES, THRESHOLDS, newest_rows, stored_rows, synthetic_table, write_synthetic
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 QUERIES = [{"labels": ("dog",)}, {"labels": ("cat",), "not_labels": ("boat",), "min_prob": 0.6},
            {"not_labels": ("sky blue",)}, {}]
 

@@ -12,11 +12,11 @@ import polars as pl
 import pytest
 import torch
 import torchvision
-from conftest import write_images
 
 from mlcls.cli.main import main
+from tests.helpers.images import write_images
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_cli(*args: str, home: Path, timeout: int = 300) -> subprocess.CompletedProcess:

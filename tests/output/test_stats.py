@@ -7,11 +7,11 @@ from collections import Counter
 from itertools import combinations
 
 import pytest
-from synth_outputs import CLASSES, newest_rows, prob, stored_rows, write_synthetic
 
 from mlcls.cli.main import main
 from mlcls.output.reader import OutputTable
 from mlcls.output.stats import compute_stats
+from tests.helpers.outputs import CLASSES, newest_rows, prob, stored_rows, write_synthetic
 
 
 def independent(out: str) -> dict:

@@ -6,11 +6,11 @@ import duckdb
 import numpy as np
 import polars as pl
 import pytest
-from conftest import write_images
 
 from mlcls.bundle import load_bundle
 from mlcls.images.decode import prepare
 from mlcls.tag.engine import get_engine
+from tests.helpers.images import write_images
 
 pytestmark = pytest.mark.slow
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from trainkit import TRAIN_ARGS, one_torch_thread, write_shapes
 
 from mlcls.bundle import load_bundle
 from mlcls.cli.main import main
+from tests.helpers.training import TRAIN_ARGS, one_torch_thread, write_shapes
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,6 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from conftest import bad_input_catalogue, write_images
 from PIL import Image
 from torchvision import transforms as T
 
@@ -24,6 +23,7 @@ from mlcls.tag import job
 from mlcls.tag.engine import get_engine
 from mlcls.tag.job import TagOptions, tag_images
 from mlcls.tag.plan import plan_shards, read_shard
+from tests.helpers.images import bad_input_catalogue, write_images
 
 OPTS = TagOptions(batch_size=8, shard_size=10, workers=2)
 
@@ -120,7 +120,7 @@ tag_images(sys.argv[1], sys.argv[2], sys.argv[3], TagOptions(batch_size=4, shard
 def test_sigkill_at_any_moment_then_rerun_gives_exactly_one_row_per_image(tmp_path, tiny_bundle):
     src, out = tmp_path / "src", tmp_path / "out"
     write_images(src, 60)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     for delay in (0.5, 1.5, 3.0):  # before, during and after the first parts
         proc = subprocess.Popen([sys.executable, "-c", _CRASHER, str(src), str(out), tiny_bundle], env=env)
         time.sleep(delay)

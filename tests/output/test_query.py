@@ -8,13 +8,13 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import write_images
-from synth_outputs import newest_rows, prob, stored_rows, write_synthetic
 
 from mlcls.cli.main import main
 from mlcls.output.query import LabelQuery, label_query, sql
 from mlcls.output.reader import OutputTable
 from mlcls.tag import job
+from tests.helpers.images import write_images
+from tests.helpers.outputs import newest_rows, prob, stored_rows, write_synthetic
 
 
 @pytest.fixture(scope="module")

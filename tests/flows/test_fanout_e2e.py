@@ -20,11 +20,13 @@ import duckdb
 import httpx
 import polars as pl
 import pytest
-from conftest import free_port, write_images
+
+from tests.helpers.images import write_images
+from tests.helpers.net import free_port
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 SHARD_DEPLOYMENT = "tag-shard/tag-shard"
 

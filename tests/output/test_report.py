@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from conftest import write_images
 from PIL import Image
-from synth_outputs import write_synthetic
 
 from mlcls.cli.main import main
 from mlcls.output.report import write_output_report
 from mlcls.tag import job
+from tests.helpers.images import write_images
+from tests.helpers.outputs import write_synthetic
 
 CLASSES = ["cat", "dog", "boat", "sky blue"]
 THRESHOLDS = [0.5, 0.45, 0.55, 0.5]

@@ -8,7 +8,6 @@ import io
 import numpy as np
 import pytest
 import torch
-from conftest import exif_rotated_jpeg, jpeg_bytes, photo
 from PIL import Image
 
 from mlcls.images.decode import plain_jpeg_size, prepare
@@ -16,6 +15,7 @@ from mlcls.images.gpu import GpuJpegDecoder
 from mlcls.images.preprocess import Preprocess
 from mlcls.sources import FileRecord
 from mlcls.tag.loader import Loader
+from tests.helpers.images import exif_rotated_jpeg, jpeg_bytes, photo
 
 PRE = Preprocess(size=64, resize_size=72)
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from trainkit import one_torch_thread, write_shapes
 
 from mlcls.bundle import load_bundle
 from mlcls.errors import LabelsError
+from tests.helpers.training import one_torch_thread, write_shapes
 
 pytestmark = pytest.mark.slow
 

@@ -6,9 +6,9 @@ import asyncio
 
 import polars as pl
 import pytest
-from conftest import write_images
 
 from mlcls.output.parts import list_parts
+from tests.helpers.images import write_images
 
 pytestmark = pytest.mark.slow
 

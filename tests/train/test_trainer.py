@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from trainkit import CFG, DATA, PRE, one_torch_thread, write_shapes
 
 from mlcls import progress
 from mlcls.bundle import load_bundle
@@ -24,6 +23,7 @@ from mlcls.train.losses import AsymmetricLoss, FocalLoss, auto_pos_weight
 from mlcls.train.train_job import train_from_labels
 from mlcls.train.trainer import TrainConfig, Trainer, eval_pixels, fit, train_pixels
 from mlcls.train.weights import load_init_weights
+from tests.helpers.training import CFG, DATA, PRE, one_torch_thread, write_shapes
 
 
 @pytest.fixture(autouse=True)

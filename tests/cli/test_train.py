@@ -8,10 +8,10 @@ import re
 import pytest
 import torch
 import torchvision
-from trainkit import TRAIN_ARGS, one_torch_thread, read_rows, write_rows, write_shapes
 
 from mlcls.bundle import load_bundle
 from mlcls.cli.main import main
+from tests.helpers.training import TRAIN_ARGS, one_torch_thread, read_rows, write_rows, write_shapes
 
 
 @pytest.fixture(autouse=True)

@@ -7,13 +7,13 @@ import io
 import numpy as np
 import pytest
 import torch
-from conftest import animated_gif, bad_input_catalogue, exif_rotated_jpeg, jpeg_bytes, photo
 from PIL import Image
 from torchvision import transforms as T
 
 from mlcls.errors import BundleError
 from mlcls.images.decode import open_rgb, prepare, to_rgb
 from mlcls.images.preprocess import DRAFT_MARGIN, Preprocess
+from tests.helpers.images import animated_gif, bad_input_catalogue, exif_rotated_jpeg, jpeg_bytes, photo
 
 PRE = Preprocess(size=64, resize_size=72)
 
