@@ -1,6 +1,6 @@
 """The `tag-images` and `tag-shard` flows: the library's job steps as Prefect tasks.
 
-Thin by design: every step is a call into `mlcls.pipeline`. Prefect adds
+Thin by design: every step is a call into `mlcls.tag.job`. Prefect adds
 what it is for: typed parameters, retries per shard, logs, artifacts, the
 run in the UI, and (with `fan_out="deployment"`) the distribution of shards
 to workers on any number of machines (see `flows/fanout.py`). Tasks take and

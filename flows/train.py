@@ -1,7 +1,7 @@
 """The `train-bundle` and `eval-bundle` flows: scheduled retraining and evaluation.
 
 Thin, like `flows/tag.py`: each flow runs one task that calls the library
-(`mlcls.trainjob`, `mlcls.evaljob`) and returns a small summary; Prefect
+(`mlcls.train.train_job`, `mlcls.train.eval_job`) and returns a small summary; Prefect
 adds parameters, retries, logs and an artifact. A retried training task
 resumes from the checkpoint the failed attempt left in the bundle folder,
 so a lost worker costs at most one epoch. The library's progress events

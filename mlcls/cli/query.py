@@ -1,7 +1,7 @@
 """`mlcls query`, `stats`, `compact` and `report`: argument parsing and presentation.
 
 Each command turns its arguments into plain values, calls the library
-(`mlcls.query`, `mlcls.stats`, `mlcls.compact`, `mlcls.report`) and prints
+(`mlcls.output.query`, `stats`, `compact`, `report`) and prints
 the answer. `add_commands` is called once from `mlcls.cli.build_parser`.
 """
 

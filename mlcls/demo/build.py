@@ -1,8 +1,8 @@
 """Rebuild the embedded demo bundle and the example images.
 
-    python -m mlcls.demo            # trains on generated shapes, writes mlcls/data/demo and examples/images
+    python -m mlcls.demo            # trains on generated shapes, writes mlcls/demo/bundle and examples/images
 
-The data is generated (see `synth.py`), so the demo model rebuilds offline
+The data is generated (see `mlcls.demo.synth`), so the demo model rebuilds offline
 and from a seed. It is written as JPEGs with a fastai-style `labels.csv`
 and trained by `trainjob.train_from_labels`, the code path of `mlcls train`:
 the shipped bundle is what a user's own training would produce.
@@ -41,7 +41,7 @@ def build_demo(out: str, *, n_train: int = 5000, n_val: int = 800, cfg: TrainCon
         trained = train_from_labels(LabelsSpec(labels), out, cfg=cfg, pre=DEMO_PREPROCESS,
                                     classes=list(DEMO_CLASSES), weights=None, name="shapes-demo",
                                     weights_dtype="float16",
-                                    extra={"labels": f"generated: mlcls.synth shapes (DEMO_DATA), seed {seed}"})
+                                    extra={"labels": f"generated: mlcls.demo.synth shapes (DEMO_DATA), seed {seed}"})
     bundle = trained.bundle
     v = bundle.metrics["validation"]
     print(f"wrote {out}: val mAP {v['mAP']:.4f}, macro-F1 {v['at_thresholds']['macro_f1']:.4f} "

@@ -12,7 +12,7 @@ the model exactly what it was trained on. The resize and crop follow
 torchvision's `Resize`/`CenterCrop` on PIL images to the pixel (tested), but
 this module imports neither torch nor torchvision: decode worker processes
 start in a fraction of a second and stay small. Normalisation happens on the
-batch, on the device (see `engine.py`).
+batch, on the device (see `mlcls.tag.engine`).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class Decoded:
     height: int | None = None
     error: str | None = None
     jpeg: bytes | None = None
-    slot: int | None = None  # where a decode process left the pixels (see loader.py)
+    slot: int | None = None  # where a decode process left the pixels (see `mlcls.tag.loader`)
 
 
 def open_rgb(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,

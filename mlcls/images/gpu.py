@@ -2,9 +2,10 @@
 
 On a GPU box the CPU's job shrinks to reading bytes and peeking at JPEG
 headers; decoding, resizing and cropping happen on the device, batched.
-Anything nvJPEG should not take (see `images.plain_jpeg_size`) or fails to
-decode goes through the CPU path in `images.py`, which also writes the error rows, so behaviour per image is the
-same either way. Resizing uses torchvision's antialiased tensor resize, which
+Anything nvJPEG should not take (see `mlcls.images.decode.plain_jpeg_size`)
+or fails to decode goes through the CPU path (`decode_or_fallback`), which
+also writes the error rows, so behaviour per image is the same either way.
+Resizing uses torchvision's antialiased tensor resize, which
 is close to, not bit-identical with, PIL's (see bench/RESULTS.md for drift).
 """
 
@@ -12,10 +13,13 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from mlcls.images.decode import Decoded
+from mlcls.images.load import LoadConfig, decode_one
 from mlcls.images.preprocess import Preprocess
 
 warnings.filterwarnings("ignore", message=r".*TorchCodec.*")  # torchvision >= 0.29 marks decode_jpeg deprecated
@@ -44,6 +48,24 @@ class GpuJpegDecoder:
                 except RuntimeError:
                     images.append(None)
         return [None if img is None else self.resize_crop(img) for img in images]
+
+    def decode_or_fallback(self, items: list[Decoded], cpu: LoadConfig) -> list[tuple[Decoded, torch.Tensor | None]]:
+        """Each item (a `Decoded` holding JPEG bytes) with its (S, S, 3) pixels on the device.
+
+        A JPEG nvJPEG cannot decode is decoded by the CPU path with `cpu`: it
+        gets pixels (copied to the device) or its error row, as it would have
+        without a GPU. The returned `Decoded` holds no bytes and no pixels.
+        """
+        out: list[tuple[Decoded, torch.Tensor | None]] = []
+        for d, img in zip(items, self.decode([d.jpeg for d in items]), strict=True):
+            if img is None:
+                d = decode_one(d.jpeg, cpu)
+                if d.pixels is not None:
+                    img = torch.from_numpy(np.ascontiguousarray(d.pixels)).to(self.device)
+                    d.pixels = None
+            d.jpeg = None
+            out.append((d, img))
+        return out
 
     def resize_crop(self, img: torch.Tensor) -> torch.Tensor:
         """(3, H, W) uint8 to (S, S, 3) uint8 with the bundle's resize and centre crop."""

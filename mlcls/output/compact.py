@@ -1,6 +1,6 @@
 """Merge small part files and drop superseded rows, so that a crash at any moment loses nothing.
 
-Readers apply one rule (`mlcls.dataset`): an image's row is its newest, and
+Readers apply one rule (`mlcls.output.reader`): an image's row is its newest, and
 identical copies count once. Compaction only ever (a) adds merged parts
 whose rows are copies of rows already stored, minus superseded ones, and then
 (b) deletes the parts it merged. Under the reading rule the dataset answers

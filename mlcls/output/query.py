@@ -3,7 +3,7 @@
 `label_query` builds a lazy polars plan over `OutputTable.scan()`: only the
 columns it names are read, and the label and probability filters push down
 into the Parquet reader. `sql` runs DuckDB over the same parts, with the
-dataset as the view `tags` (the reading rule of `mlcls.dataset`: one row per
+dataset as the view `tags` (the reading rule of `mlcls.output.reader`: one row per
 image, its newest) and `tags_all` (every stored row).
 
 Semantics of the label filters: `labels` are the classes an image holds (at

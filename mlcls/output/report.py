@@ -1,6 +1,6 @@
 """`mlcls report`: a static HTML report of an output, to open from disk.
 
-One streaming pass (`mlcls.stats.run_pass`) gathers everything: the stats,
+One streaming pass (`mlcls.output.stats.run_pass`) gathers everything: the stats,
 per-class probability histograms, per class the highest-scoring images and
 the highest-scoring ones still under the threshold (the images a person
 should look at: the model's near misses), and the failed files. Only the

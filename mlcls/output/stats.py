@@ -6,7 +6,7 @@ memory is about one Parquet row group of those columns, whatever the
 dataset's size. Each batch is decoded once
 into numpy (`RowBatch`: label codes, a dense probability matrix) and handed to
 the accumulators: `Totals` here for `mlcls stats`, and the report's
-histograms and thumbnail pickers (`mlcls.report`) in the same pass.
+histograms and thumbnail pickers (`mlcls.output.report_data`) in the same pass.
 """
 
 from __future__ import annotations

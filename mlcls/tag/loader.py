@@ -151,25 +151,20 @@ class Loader:
     def device_pixels(self, batch: ImageBatch, device: torch.device) -> tuple[list[int], torch.Tensor]:
         """All of the batch's decodable images on `device`, and their positions in the batch.
 
-        GPU-decodes the batch's JPEGs; one the GPU cannot decode goes through
-        the CPU path, which gives it pixels or its error row.
+        GPU-decodes the batch's JPEGs (`GpuJpegDecoder.decode_or_fallback`: one the GPU
+        cannot decode goes through the CPU path, which gives it pixels or its error row).
         """
         order = list(batch.ok)
         parts = [batch.pixels.to(device, non_blocking=True)] if batch.ok else []
         if batch.gpu:
             assert self.gpu_decoder is not None
-            images = self.gpu_decoder.decode([batch.decoded[i].jpeg for i in batch.gpu])
-            cpu_config = replace(self.config, gpu_share=0.0)
-            for i, img in zip(batch.gpu, images, strict=True):
-                if img is None:
-                    batch.decoded[i] = decode_one(batch.decoded[i].jpeg, cpu_config)
-                    if batch.decoded[i].pixels is None:
-                        continue
-                    img = torch.from_numpy(np.ascontiguousarray(batch.decoded[i].pixels)).to(device)
-                    batch.decoded[i].pixels = None
-                batch.decoded[i].jpeg = None
-                parts.append(img[None])
-                order.append(i)
+            done = self.gpu_decoder.decode_or_fallback([batch.decoded[i] for i in batch.gpu],
+                                                       replace(self.config, gpu_share=0.0))
+            for i, (decoded, img) in zip(batch.gpu, done, strict=True):
+                batch.decoded[i] = decoded
+                if img is not None:
+                    parts.append(img[None])
+                    order.append(i)
         if not parts:
             size = self.preprocess.size
             return [], torch.empty((0, size, size, 3), dtype=torch.uint8, device=device)

@@ -1,6 +1,6 @@
 """Training augmentation as tensors on the device: random resized crop and flips in one resample.
 
-Pixels are decoded once (`pixels.py`) and stored as squares a little
+Pixels are decoded once (`mlcls.train.image_cache`) and stored as squares a little
 larger than the model input; each batch is cropped, flipped and resampled
 by one `grid_sample` call, so a CPU spends its time on the model rather than
 on a Python loop of crops, and a GPU does it all without a host round trip.

@@ -2,7 +2,7 @@
 
 Images go through the tagging path exactly (the same decode, preprocessing
 and `Engine` as `mlcls tag`), so the numbers here are the numbers of the
-labels a tagging run writes. Metrics come from `metrics.py`, the one
+labels a tagging run writes. Metrics come from `mlcls.train.metrics`, the one
 implementation training also uses.
 """
 

@@ -16,7 +16,7 @@ whole run state (model, optimiser, schedule, random generators, best so
 far) is checkpointed after every epoch (`checkpoint.py`), so a run that
 dies resumes where it stopped and ends exactly as an uninterrupted one.
 
-Images are decoded once into uint8 arrays (`pixels.py`) and augmented as
+Images are decoded once into uint8 arrays (`mlcls.train.image_cache`) and augmented as
 tensors on the device (`augment.py`), which keeps a CPU busy with the model
 instead of with JPEG decoding every epoch. Validation images go through the
 exact inference preprocessing, so validation metrics are tagging metrics.
