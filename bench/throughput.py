@@ -170,12 +170,12 @@ def child_mlcls(a: argparse.Namespace) -> dict:
 
 
 def child_baseline(a: argparse.Namespace) -> dict:
-    """What a user writes without mlcls: OutputTable, DataLoader, eager model, pyarrow rows."""
+    """What a user writes without mlcls: Dataset, DataLoader, eager model, pyarrow rows."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
     from PIL import Image
-    from torch.utils.data import DataLoader, OutputTable
+    from torch.utils.data import DataLoader, Dataset
     from torchvision import transforms as T
 
     from mlcls.bundle import load_bundle
@@ -186,7 +186,7 @@ def child_baseline(a: argparse.Namespace) -> dict:
     tf = T.Compose([T.Resize(pre.resize_size), T.CenterCrop(pre.size), T.ToTensor(), T.Normalize(pre.mean, pre.std)])
     paths = [r.uri for r in iter_source(a.corpus)]
 
-    class Folder(OutputTable):
+    class Folder(Dataset):
         def __len__(self) -> int:
             return len(paths)
 
