@@ -32,8 +32,12 @@ from mlcls.train.scoring import Scored
 
 WORST_CLASSES = 6
 FILES = ("metrics.json", "report.html", "ap.svg", "pr.svg", "f1.svg")
-CHARTS = {"ap.svg": "Per-class AP", "pr.svg": "PR curves of the worst classes",
-          "f1.svg": "F1 against a global threshold"}
+CHARTS = {  # file -> heading and caption in report.html
+    "ap.svg": ("Per-class AP", "Average precision, worst first (positives in brackets); dashed: the mAP."),
+    "pr.svg": ("PR curves of the worst classes",
+               f"The (at most) {WORST_CLASSES} classes with the lowest AP; dots: at the bundle's thresholds."),
+    "f1.svg": ("F1 against a global threshold", "Dashed: the macro F1 at the bundle's per-class thresholds."),
+}
 CSS = Markup("td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child{text-align:left}")
 
 
@@ -120,7 +124,8 @@ def render_html(result: dict[str, Any], charts: dict[str, Markup]) -> str:
     rows = join_html(html("<tr>{}</tr>", _cells([name, *(m[k] for k in keys)])) for name, m in settings)
     per = join_html(html("<tr>{}</tr>", _cells([r[k] for k in ("class", "ap", "positives", "threshold", "precision",
                                                            "recall", "f1")])) for r in result["per_class"])
-    images = join_html(html("<h2>{}</h2>{}", title, charts[name]) for name, title in CHARTS.items())
+    images = join_html(html('<h2>{}</h2><p class="meta">{}</p>{}', title, caption, charts[name])
+                       for name, (title, caption) in CHARTS.items())
     body = html("<h1>{model}</h1>\n<p>{images} images from <code>{labels}</code>; macro mAP <b>{map}</b>; thresholds "
                 "by {method};\n{empty} images with no labels.</p>\n<table><tr><th>labels by</th>{head}</tr>{rows}"
                 "</table>\n{charts}\n<h2>Per class (at the bundle's thresholds)</h2>\n<table><tr><th>class</th>"
