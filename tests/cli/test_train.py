@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from xml.etree import ElementTree
 
 import pytest
 import torch
@@ -55,9 +56,9 @@ def test_eval_on_the_validation_rows_reproduces_the_training_metrics(trained, ca
     assert m["override"]["rule"] == "top-2" and m["at_top3"]["OR"] >= m["override"]["OR"]
     assert [r["class"] for r in m["per_class"]] == list(load_bundle(str(bundle_dir)).classes)
     html = (tmp_path / "report" / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3 and "Per-class AP" in html
-    for name in ("ap.png", "pr.png", "f1.png"):
-        assert (tmp_path / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert html.count('<svg class="chart') == 3 and "Per-class AP" in html
+    for name in ("ap.svg", "pr.svg", "f1.svg"):
+        assert ElementTree.parse(tmp_path / "report" / name).getroot().tag == "{http://www.w3.org/2000/svg}svg"
 
 
 def test_calibrate_recalibrates_or_sets_thresholds_and_keeps_the_weights(trained, capsys, tmp_path):
