@@ -65,7 +65,7 @@ def train_task(spec: LabelsSpec, out: str, cfg: dict[str, Any], pre: dict[str, A
     with epoch_logs(logger):
         trained = train_from_labels(spec, out, cfg=TrainConfig.from_dict(cfg), pre=Preprocess.from_dict(pre),
                                     classes=classes, weights=weights, name=name, resume=resume,
-                                    storage_options=storage_options, log=logger.info, warn=logger.warning)
+                                    storage_options=storage_options)
     v = trained.bundle.metrics["validation"]
     return json_safe({"bundle": out, "model": trained.bundle.model_id, "train_images": trained.train_images,
             "val_images": trained.val_images, "best_epoch": trained.result.best_epoch,
@@ -99,7 +99,7 @@ def eval_task(model: str, spec: LabelsSpec, report: str | None, threshold: float
     """Measure the bundle and write the report; returns the headline metrics."""
     logger = get_run_logger()
     evaluated = eval_bundle(model, spec, report=report, threshold=threshold, thresholds_file=thresholds_file,
-                            top_k=top_k, options=options, storage_options=storage_options, warn=logger.warning)
+                            top_k=top_k, options=options, storage_options=storage_options)
     m = evaluated.metrics
     logger.info("%s on %d images: mAP %.4f, macro-F1 %.4f at the bundle's thresholds", m["model"], m["images"],
                 m["mAP"], m["at_thresholds"]["macro_f1"])

@@ -40,7 +40,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shards-per-run", type=int, default=1, help="shards per fanned-out flow run (default 1)")
     add_storage_options(p)
     p.add_argument("--no-prefect", action="store_true", help="run in this process without Prefect (same output)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar; of mlcls's messages only warnings")
     p.add_argument("-v", "--verbose", action="store_true", help="show Prefect's logs")
     p.set_defaults(handler=cmd_tag)
 
