@@ -40,7 +40,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shards-per-run", type=int, default=1, help="shards per fanned-out flow run (default 1)")
     add_storage_options(p)
     p.add_argument("--no-prefect", action="store_true", help="run in this process without Prefect (same output)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar; of mlcls's messages only warnings")
     p.add_argument("-v", "--verbose", action="store_true", help="show Prefect's logs")
     p.set_defaults(handler=cmd_tag)
 
@@ -93,6 +93,7 @@ def _run_flow(args: argparse.Namespace, options: Any) -> dict[str, Any]:
     if not args.verbose:
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    _add_extra_logger("mlcls")
     # A busy 2-core machine can take longer than Prefect's default 20 s to start the local server.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.tag import tag_images
@@ -104,6 +105,17 @@ def _run_flow(args: argparse.Namespace, options: Any) -> dict[str, Any]:
             raise MlclsError(f"could not reach a Prefect API ({str(err).splitlines()[0]}); set PREFECT_API_URL "
                              "to a running server, or use --no-prefect") from None
         raise
+
+
+def _add_extra_logger(name: str) -> None:
+    """Have Prefect give the library's loggers its API handler when it sets up logging (on first import).
+
+    Added to the user's own PREFECT_LOGGING_EXTRA_LOGGERS, if any. `flows.logs` does the same at flow start
+    in a process where Prefect's logging was set up before this ran.
+    """
+    names = [n.strip() for n in os.environ.get("PREFECT_LOGGING_EXTRA_LOGGERS", "").split(",") if n.strip()]
+    if name not in names:
+        os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"] = ",".join([*names, name])
 
 
 def _call_flow(tag_images: Any, args: argparse.Namespace, options: Any) -> dict[str, Any]:

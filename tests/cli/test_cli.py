@@ -105,3 +105,15 @@ def test_bundle_create_from_a_state_dict_then_tag_with_it(tmp_path, capsys):
     assert main(["bundle", "create", "--arch", "resnet18", "--weights", str(tmp_path / "mine.pth"),
                  "--classes", str(tmp_path / "four.txt"), "--out", str(tmp_path / "bad")]) == 2
     assert "fc.weight is (3, 512) in the weights but (4, 512) in the model" in capsys.readouterr().err
+
+
+def test_tag_asks_prefect_for_the_library_loggers_and_keeps_the_users_own(monkeypatch):
+    from mlcls.cli.tag import _add_extra_logger
+
+    monkeypatch.delenv("PREFECT_LOGGING_EXTRA_LOGGERS", raising=False)
+    _add_extra_logger("mlcls")
+    assert os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"] == "mlcls"
+    monkeypatch.setenv("PREFECT_LOGGING_EXTRA_LOGGERS", "dask, scipy")
+    _add_extra_logger("mlcls")
+    _add_extra_logger("mlcls")
+    assert os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"] == "dask,scipy,mlcls"
