@@ -116,11 +116,12 @@ def progress_bar(enabled: bool = True) -> Iterator[None]:
         unsubscribe()
 
 
-def print_summary(summary: RunSummary) -> None:
-    """The short report after `mlcls tag`."""
+def print_summary(summary: RunSummary, wall: float | None = None) -> None:
+    """The short report after `mlcls tag`; with `wall`, where the command's time went."""
     if summary.new == 0:
         out_console.print(f"0 new images: all {summary.listed} listed images are already tagged by "
                           f"{summary.model} in {summary.out}")
+        _print_wall(summary, wall)
         return
     out_console.print(
         f"[bold]tagged {summary.tagged} of {summary.new} new images[/bold] in {summary.seconds:.1f} s "
@@ -135,6 +136,14 @@ def print_summary(summary: RunSummary) -> None:
     if summary.failed_shards:
         out_console.print(f"[red]{len(summary.failed_shards)} shards failed[/red]; run the same command again "
                           "to retry them")
+    _print_wall(summary, wall)
+
+
+def _print_wall(summary: RunSummary, wall: float | None) -> None:
+    """Wall time split: start-up (imports, checks, Prefect's local server) and the run itself."""
+    if wall is not None:
+        out_console.print(f"wall {wall:.1f} s: {max(0.0, wall - summary.seconds):.1f} s start-up "
+                          f"(imports, checks, Prefect), {summary.seconds:.1f} s planning and tagging")
 
 
 def error(message: str) -> None:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from typing import Any
 
+from mlcls.cli import STARTED
+from mlcls.cli.local_server import LocalServer
 from mlcls.cli.options import EXIT_FAILED, add_storage_options
 from mlcls.errors import MlclsError
 
@@ -56,23 +59,25 @@ def _tag_options(args: argparse.Namespace) -> Any:
 
 
 def cmd_tag(args: argparse.Namespace) -> int:
+    _check_fan_out(args)
+    server = None if args.no_prefect else _local_server(args.verbose)  # first: it boots while torch imports
     from mlcls.cli.console import print_summary, progress_bar
     from mlcls.sources import check_source
     from mlcls.tag import job
     from mlcls.tag.engine import resolve_device
 
     options = _tag_options(args)
-    _check_fan_out(args)
     resolve_device(options.device)
     check_source(args.source, args.storage_options)  # then bundle and output: all before any work
     job.open_run(args.out, args.model, options, args.storage_options)
     with progress_bar(enabled=not args.quiet):
-        if args.no_prefect:
+        if server is None:
             summary_dict = job.tag_images(args.source, args.out, args.model, options, args.storage_options).to_dict()
         else:
+            server.wait()
             summary_dict = _run_flow(args, options)
     summary = job.RunSummary(**{k: v for k, v in summary_dict.items() if k != "images_per_second"})
-    print_summary(summary)
+    print_summary(summary, wall=time.perf_counter() - STARTED)
     return EXIT_FAILED if summary.failed_shards else 0
 
 
@@ -88,14 +93,24 @@ def _check_fan_out(args: argparse.Namespace) -> None:
         raise MlclsError(f"--shards-per-run must be at least 1, not {args.shards_per_run}")
 
 
-def _run_flow(args: argparse.Namespace, options: Any) -> dict[str, Any]:
-    """Run the tag-images flow in this process (Prefect's local mode unless PREFECT_API_URL is set)."""
-    if not args.verbose:
+def _local_server(verbose: bool) -> LocalServer:
+    """Prefect's settings, then its local server booting in the background while the CLI checks and loads."""
+    _prefect_env(verbose)
+    return LocalServer().start()
+
+
+def _prefect_env(verbose: bool) -> None:
+    """Prefect's settings for a CLI run, set before Prefect is first imported (it reads some only then)."""
+    if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     _add_extra_logger("mlcls")
     # A busy 2-core machine can take longer than Prefect's default 20 s to start the local server.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+def _run_flow(args: argparse.Namespace, options: Any) -> dict[str, Any]:
+    """Run the tag-images flow in this process (Prefect's local mode unless PREFECT_API_URL is set)."""
     from flows.tag import tag_images
 
     try:
