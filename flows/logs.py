@@ -44,10 +44,13 @@ def route_library_logs() -> logging.Logger:
 
     lib = logging.getLogger(LIBRARY_LOGGER)
     with _lock:
-        if not any(isinstance(h, APILogHandler) for h in lib.handlers):
-            handler = APILogHandler()
-            handler.addFilter(_in_a_run)
-            lib.addHandler(handler)
+        api = [h for h in lib.handlers if isinstance(h, APILogHandler)]
+        if not api:
+            api = [APILogHandler()]
+            lib.addHandler(api[0])
+        for handler in api:  # also the one PREFECT_LOGGING_EXTRA_LOGGERS gave, which would warn outside runs
+            if _in_a_run not in handler.filters:
+                handler.addFilter(_in_a_run)
         if lib.level == logging.NOTSET:
             lib.setLevel(logging.INFO)
     return lib

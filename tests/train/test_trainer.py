@@ -87,6 +87,7 @@ def test_an_interrupted_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path,
     with pytest.raises(KeyboardInterrupt):
         fit(*arrays, pre=PRE, cfg=cfg, checkpoint=ckpt)
     unsubscribe()
+    caplog.clear()  # only the resumed run's records (the mlcls logger may already be at INFO)
     with caplog.at_level(logging.INFO, logger="mlcls"):
         resumed = fit(*arrays, pre=PRE, cfg=cfg, checkpoint=ckpt, resume=True)
     logs = [r.getMessage() for r in caplog.records if r.name == "mlcls.train.trainer"]
