@@ -21,9 +21,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mlcls.errors import OutputError
 from mlcls.output.parts import INTERNAL_DIR, TIMESTAMP, read_identities
 from mlcls.sources import FileRecord, ListingStats, iter_source
-from mlcls.storage import StorageOptions, full_uri, join, url_to_fs, write_atomic
+from mlcls.storage import (
+    StorageOptions,
+    describe_os_error,
+    full_uri,
+    join,
+    read_file,
+    remove,
+    url_to_fs,
+    write_atomic,
+)
 
 MANIFEST_SCHEMA = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("etag", pa.string()),
                              ("mtime", TIMESTAMP)])
@@ -142,10 +152,25 @@ def _write_shard(out: str, run_id: str, model_id: str, table: pa.Table, storage_
 
 
 def read_shard(shard: Shard, storage_options: StorageOptions = None) -> list[FileRecord]:
-    """The file records of a shard, from its manifest."""
+    """The file records of a shard, from its manifest: checked (size, Arrow footer, row count), never trusted.
+
+    A manifest read back short or empty (a throttled store's bad answer) is
+    read again; one that stays bad fails the shard with its reason, and the
+    shard's retries read it once more.
+    """
     fs, path = url_to_fs(shard.manifest, storage_options)
-    with fs.open(path, "rb") as f:
-        table = pa.ipc.open_file(pa.BufferReader(f.read())).read_all()
+
+    def parse(data: bytes) -> pa.Table:
+        table = pa.ipc.open_file(pa.BufferReader(data)).read_all()
+        if table.num_rows != shard.count:
+            raise ValueError(f"it lists {table.num_rows} files, the plan says {shard.count}")
+        return table
+
+    try:
+        table = read_file(fs, path, parse)
+    except OSError as err:
+        raise OutputError(f"cannot read the manifest of shard {shard.id} ({shard.manifest}): "
+                          f"{describe_os_error(err)}") from err
     cols = [table.column(c).to_pylist() for c in ("uri", "size", "etag", "mtime")]
     return [FileRecord(uri=u, size=s, etag=e, mtime=m) for u, s, e, m in zip(*cols, strict=True)]
 
@@ -153,6 +178,4 @@ def read_shard(shard: Shard, storage_options: StorageOptions = None) -> list[Fil
 def remove_manifests(out: str, run_id: str, storage_options: StorageOptions = None) -> None:
     """Delete a finished run's shard manifests (the summary stays)."""
     fs, base = url_to_fs(run_dir(out, run_id), storage_options)
-    target = join(base, "shards")
-    if fs.exists(target):
-        fs.rm(target, recursive=True)
+    remove(fs, join(base, "shards"), recursive=True)
