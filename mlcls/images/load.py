@@ -20,6 +20,8 @@ from mlcls.images.decode import DEFAULT_MAX_PIXELS, Decoded, plain_jpeg_size, pr
 from mlcls.images.preprocess import Preprocess
 from mlcls.storage import describe_os_error, read_many
 
+READ_KIND = "read"  # the error kind of a file storage would not give us (after the retries): tagged next run
+
 
 @dataclass(frozen=True)
 class LoadConfig:
@@ -54,8 +56,8 @@ def new_ring(images: int, size: int) -> tuple[int, np.ndarray]:
 def read_error(err: BaseException) -> Decoded:
     """The error row of a file that could not be read after the retries (`storage.read_many`)."""
     if isinstance(err, FileNotFoundError):
-        return Decoded(pixels=None, error="read: file not found (deleted after listing?)")
-    return Decoded(pixels=None, error=f"read: {describe_os_error(err)}")
+        return Decoded(pixels=None, error=f"{READ_KIND}: file not found (deleted after listing?)")
+    return Decoded(pixels=None, error=f"{READ_KIND}: {describe_os_error(err)}")
 
 
 def decode_one(data: bytes, cfg: LoadConfig, key: str = "") -> Decoded:

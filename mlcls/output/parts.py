@@ -23,10 +23,12 @@ from datetime import datetime
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mlcls.errors import OptionError, OutputError
 from mlcls.images.decode import Decoded
+from mlcls.images.load import READ_KIND
 from mlcls.sources import FileRecord
 from mlcls.storage import (
     StorageOptions,
@@ -209,8 +211,15 @@ def list_parts(out: str, storage_options: StorageOptions = None) -> list[str]:
     return sorted(data)
 
 
-def read_identities(out: str, model_id: str, storage_options: StorageOptions = None) -> pa.Table:
-    """`uri`, `etag`, `mtime` of every row `model_id` already wrote, read column-wise in batches."""
+def read_identities(out: str, model_id: str, storage_options: StorageOptions = None, *,
+                    retry_errors: bool = False) -> pa.Table:
+    """`uri`, `etag`, `mtime` of every row `model_id` already wrote that counts as done, read column-wise.
+
+    A `read` error row is not done: the file was never seen (storage failed
+    after the retries), so the next run tries it again. Other error rows
+    (`decode`, `empty`, `too_large`) are the file's own: done, unless
+    `retry_errors`.
+    """
     import pyarrow.dataset as ds
 
     empty = pa.table({"uri": pa.array([], pa.string()), "etag": pa.array([], pa.string()),
@@ -219,7 +228,9 @@ def read_identities(out: str, model_id: str, storage_options: StorageOptions = N
     if not parts:
         return empty
     fs, _ = url_to_fs(out, storage_options)
-    condition = ds.field("model") == model_id
+    error = ds.field("error")
+    keep = error.is_null() if retry_errors else error.is_null() | ~pc.starts_with(error, pattern=f"{READ_KIND}:")
+    condition = (ds.field("model") == model_id) & keep
     table = read_dataset(fs, parts, ["uri", "etag", "mtime"], condition, f"read the output {out}")
     return table if table.num_rows else empty
 

@@ -51,6 +51,7 @@ class TagOptions:
     precision: str = "auto"
     compile: bool = False
     gpu_decode: float = 1.0
+    retry_errors: bool = False  # tag again files with decode/empty/too_large error rows (`read` rows always are)
 
     def validate(self) -> TagOptions:
         """Raise `OptionError` for a value that cannot work; return self."""
@@ -66,6 +67,8 @@ class TagOptions:
             raise OptionError(f"--gpu-decode must be a share between 0 and 1, not {self.gpu_decode!r}")
         if self.precision not in PRECISIONS:
             raise OptionError(f"--precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if not isinstance(self.retry_errors, bool):
+            raise OptionError(f"--retry-errors is on or off, not {self.retry_errors!r}")
         ProbsMode.parse(self.probs)
         return self
 
@@ -198,7 +201,7 @@ def plan_run(source: str | Sequence[str], out: str, bundle: Bundle, options: Tag
              storage_options: StorageOptions = None, limit: int | None = None) -> RunPlan:
     """List and subtract; emits `planned` with the number of images to tag."""
     plan = plan_shards(source, out, bundle.model_id, shard_size=options.shard_size, run_id=run_id,
-                       storage_options=storage_options, limit=limit)
+                       storage_options=storage_options, limit=limit, retry_errors=options.retry_errors)
     progress.emit(progress.Event("planned", total=plan.new))
     return plan
 
