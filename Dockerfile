@@ -14,7 +14,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PREFECT_SERVER_ANALYTICS_ENABLED=false \
     # heartbeats let the server mark a run Crashed when this container dies (flows/setup.py)
-    PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30
+    PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30 \
+    # the library's log records (loggers under `mlcls`) in the run logs (flows/logs.py)
+    PREFECT_LOGGING_EXTRA_LOGGERS=mlcls
 
 WORKDIR /opt/mlcls
 

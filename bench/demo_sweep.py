@@ -57,7 +57,7 @@ def main() -> None:
             tx, ty = train_pixels([i for i, _ in train], pre), multi_hot([lb for _, lb in train], cl)
             vx, vy = eval_pixels([i for i, _ in val], pre), multi_hot([lb for _, lb in val], cl)
             cfg = TrainConfig(arch=arch, epochs=args.epochs, lr=lr, weight_decay=wd, batch_size=bs, vflip=True)
-            r = fit(tx, ty, vx, vy, pre=pre, cfg=cfg, log=lambda s: None)
+            r = fit(tx, ty, vx, vy, pre=pre, cfg=cfg)
             maps = [h["val_mAP"] for h in r.history]
             rows.append((data_name, name, maps, r.seconds))
             print(f"{data_name:5} {name:18} " + " ".join(f"{m:.3f}" for m in maps) + f"  {r.seconds:.0f}s",

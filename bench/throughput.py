@@ -2,6 +2,7 @@
 
     python bench/throughput.py --arch resnet50 --images 1000
     python bench/throughput.py --arch mobilenet_v3_large --images 1000 --variants fp32 draft compile
+    python bench/throughput.py --images 1000 --simulate-device 40     # the pipeline's overlap, no model
 
 Every measurement runs in its own process (so each reports its own peak
 RSS) over the same corpus (bench/corpus.py), model, input size and batch
@@ -150,10 +151,31 @@ def child_decode(a: argparse.Namespace) -> dict:
     return {"images": images, "seconds": seconds, "errors": errors}
 
 
+def simulate_device(ms: float) -> None:
+    """Replace the model by a stand-in that takes `ms` per batch and leaves the CPU free (it sleeps).
+
+    With it, end to end can be compared with min(stand-in rate, decode rate):
+    a pipeline that overlaps reading, decoding and compute reaches that
+    minimum; one that serialises them does not, on any machine.
+    """
+    import torch
+
+    from mlcls.tag.engine import Engine
+
+    def logits(self: Engine, pixels: torch.Tensor) -> torch.Tensor:
+        time.sleep(ms / 1000)
+        return torch.zeros((pixels.shape[0], len(self.bundle.classes)))
+
+    Engine.logits = logits
+
+
 def child_mlcls(a: argparse.Namespace) -> dict:
     from mlcls import progress
     from mlcls.tag import job
     from mlcls.tag.engine import get_engine
+
+    if a.simulate_device:
+        simulate_device(a.simulate_device)
 
     options = job.TagOptions(batch_size=a.batch_size, device=a.device, shard_size=a.shard_size,
                                   workers=a.workers, **json.loads(a.options))
@@ -170,12 +192,12 @@ def child_mlcls(a: argparse.Namespace) -> dict:
 
 
 def child_baseline(a: argparse.Namespace) -> dict:
-    """What a user writes without mlcls: OutputTable, DataLoader, eager model, pyarrow rows."""
+    """What a user writes without mlcls: Dataset, DataLoader, eager model, pyarrow rows."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
     from PIL import Image
-    from torch.utils.data import DataLoader, OutputTable
+    from torch.utils.data import DataLoader, Dataset
     from torchvision import transforms as T
 
     from mlcls.bundle import load_bundle
@@ -186,7 +208,7 @@ def child_baseline(a: argparse.Namespace) -> dict:
     tf = T.Compose([T.Resize(pre.resize_size), T.CenterCrop(pre.size), T.ToTensor(), T.Normalize(pre.mean, pre.std)])
     paths = [r.uri for r in iter_source(a.corpus)]
 
-    class Folder(OutputTable):
+    class Folder(Dataset):
         def __len__(self) -> int:
             return len(paths)
 
@@ -293,6 +315,8 @@ def main() -> None:
     p.add_argument("--skip", nargs="*", default=[], choices=["model", "decode", "baseline", "mlcls"])
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+    p.add_argument("--simulate-device", type=float, default=0.0, metavar="MS",
+                   help="a stand-in model taking MS per batch, CPU left free: measures the pipeline's overlap")
     # child-only
     p.add_argument("--child", choices=list(CHILDREN))
     p.add_argument("--bundle")
@@ -321,6 +345,8 @@ def drive(a: argparse.Namespace) -> None:
     from corpus import build_corpus
 
     info = machine()
+    if a.simulate_device:  # the stand-in replaces the model: no model-only or baseline rows
+        a.skip = [*a.skip, "model", "baseline"]
     workers = a.workers or max(1, (os.cpu_count() or 2) // 2)
     corpus = os.path.join(OUT, f"corpus-{a.images}")
     t = time.perf_counter()
@@ -351,6 +377,12 @@ def drive(a: argparse.Namespace) -> None:
             rows.append((f"decode+preprocess on the GPU (nvJPEG), {workers} workers for the rest",
                          run_child("decode", bundle=bundle, corpus=corpus, batch_size=a.batch_size,
                                    workers=workers, draft=True, device=a.device, gpu_decode=True)))
+    if a.simulate_device:
+        simulated(a, rows, common, corpus, workers)
+        return report(a, info, rows, efficiency(a, rows, workers))
+    if "decode" not in a.skip and "model" not in a.skip:
+        rows.append(("decode+preprocess, 1 thread, draft on", run_child(
+            "decode", bundle=bundle, corpus=corpus, batch_size=a.batch_size, workers=1, draft=True, device=a.device)))
     base_dir = os.path.join(OUT, "run-baseline")
     if "baseline" not in a.skip:
         shutil.rmtree(base_dir, ignore_errors=True)
@@ -367,7 +399,49 @@ def drive(a: argparse.Namespace) -> None:
             rows.append((f"mlcls end to end, {name}", r))
             if name == "fp32" and "baseline" not in a.skip and "error" not in r:
                 agreement["max |p - baseline| (fp32, no draft)"] = compare_probs(out, base_dir, 80)
-    report(a, info, rows, agreement)
+    report(a, info, rows, {**agreement, **efficiency(a, rows, workers)})
+
+
+def simulated(a: argparse.Namespace, rows: list[tuple[str, dict]], common: dict, corpus: str, workers: int) -> None:
+    """End to end with the stand-in model; its own rate is batch / MS."""
+    rows.append((f"stand-in model only ({a.simulate_device:g} ms a batch)",
+                 {"images": a.batch_size, "seconds": a.simulate_device / 1000, "peak_rss_mb": 0.0,
+                  "rate": a.batch_size / (a.simulate_device / 1000)}))
+    out = os.path.join(OUT, "run-simulated")
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    rows.append(("mlcls end to end, stand-in model", run_child(
+        "mlcls", **common, corpus=corpus, out=out, workers=a.workers, simulate_device=a.simulate_device,
+        options=json.dumps(VARIANTS["draft"]))))
+
+
+def efficiency(a: argparse.Namespace, rows: list[tuple[str, dict]], workers: int) -> dict[str, float]:
+    """End to end over what the pipeline could reach in the same run.
+
+    Stand-in model: limit = min(stand-in rate, decode rate). Real model on a
+    CPU, where decode and model share the cores: limit = cores / (cores /
+    model rate + 1 / decode rate per core), the rate if no core ever waited.
+    """
+    rate = {name: r.get("rate", 0.0) for name, r in rows if "error" not in r}
+    decode = rate.get(f"decode+preprocess, {workers} {'processes' if workers >= 4 else 'threads'}, draft on", 0.0)
+    out: dict[str, float] = {}
+    if a.simulate_device:
+        limit = min(rate.get(f"stand-in model only ({a.simulate_device:g} ms a batch)", 0.0), decode)
+        e2e = rate.get("mlcls end to end, stand-in model", 0.0)
+        if limit and e2e:
+            out["pipeline efficiency, stand-in model: e2e / min(stand-in, decode)"] = e2e / limit
+        return out
+    per_core = rate.get("decode+preprocess, 1 thread, draft on", 0.0)
+    model = rate.get("model only, channels_last fp32", 0.0)
+    cores = os.cpu_count() or 1
+    if per_core and model:
+        limit = cores / (cores / model + 1 / per_core)
+        out["CPU pipeline limit, images/s: cores / (cores / model + 1 / decode per core)"] = limit
+        for name, r in rate.items():
+            if name.startswith("mlcls end to end, draft") or name == "mlcls end to end, auto":
+                out[f"efficiency of '{name}' against that limit"] = r / limit
+    return out
 
 
 def report(a: argparse.Namespace, info: dict, rows: list[tuple[str, dict]], extra: dict) -> None:
@@ -385,7 +459,7 @@ def report(a: argparse.Namespace, info: dict, rows: list[tuple[str, dict]], extr
         startup = f"{r['startup']:.1f}" if "startup" in r else ""
         lines.append(f"| {name} | {r['rate']:.1f} | {x_base} | {x_model} | {startup} | {r['peak_rss_mb']:.0f} |")
     for k, v in extra.items():
-        lines.append(f"\n{k}: {v:.2e}")
+        lines.append(f"\n{k}: {v:.2e}" if k.startswith("max |p") else f"\n{k}: {v:.2f}")
     cmd = "python bench/throughput.py " + " ".join(sys.argv[1:])
     header = (f"\n### {a.arch}, {a.images} images, batch {a.batch_size}, device {a.device} "
               f"({datetime.now(UTC):%Y-%m-%d})\n\n`{cmd}`\n\nMachine: {info['cpu']}, {info['cores']} cores, "

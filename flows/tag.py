@@ -24,6 +24,7 @@ from prefect.cache_policies import NONE
 from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run
 
+from flows.logs import route_library_logs
 from mlcls import progress
 from mlcls.output import parts
 from mlcls.tag import job
@@ -104,6 +105,7 @@ def tag_images(
     naming it. Returns the run summary.
     """
     started = time.perf_counter()
+    route_library_logs()
     logger = get_run_logger()
     options = job.TagOptions(batch_size=batch_size, device=device, shard_size=shard_size, workers=workers,
                                   max_pixels=max_pixels, probs=probs, precision=precision, draft=draft,
@@ -169,6 +171,7 @@ def tag_shard(
     `prefect gcl create ... --limit 1` (without it, no limit applies). Each
     shard's result is written next to the data, where the parent reads it.
     """
+    route_library_logs()
     opts = job.TagOptions.from_dict(options)
     slot = device_slot or default_device_slot(opts.device)
     results = []

@@ -4,14 +4,13 @@ Thin, like `flows/tag.py`: each flow runs one task that calls the library
 (`mlcls.train.train_job`, `mlcls.train.eval_job`) and returns a small summary; Prefect
 adds parameters, retries, logs and an artifact. A retried training task
 resumes from the checkpoint the failed attempt left in the bundle folder,
-so a lost worker costs at most one epoch. The library's progress events
-(one per epoch) become log lines.
+so a lost worker costs at most one epoch. The library's own log records
+(checks, one line per epoch, warnings) reach the run's logs through
+`flows.logs.route_library_logs`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -19,7 +18,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 from prefect.runtime import task_run
 
-from mlcls import progress
+from flows.logs import route_library_logs
 from mlcls.errors import MlclsError
 from mlcls.images.preprocess import Preprocess
 from mlcls.train.eval_job import ScoreOptions, eval_bundle
@@ -33,23 +32,6 @@ EVAL_ARTIFACT = "eval-bundle-metrics"
 METRIC_KEYS = ("CF1", "OF1", "macro_f1", "hamming_loss", "subset_accuracy", "empty_fpr")
 
 
-@contextmanager
-def epoch_logs(logger: Any) -> Iterator[None]:
-    """Log one line per validated epoch while the block runs."""
-
-    def on_event(event: progress.Event) -> None:
-        if event.kind == "validated":
-            v = event.values
-            logger.info("epoch %d: loss %.4f, val mAP %.4f%s", v["epoch"], v["loss"], v["val_mAP"],
-                        " (best)" if v.get("best") else "")
-
-    unsubscribe = progress.subscribe(on_event)
-    try:
-        yield
-    finally:
-        unsubscribe()
-
-
 def retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
     """A bad labels file or option fails the same way twice: retry only other failures (a lost worker, I/O)."""
     return not isinstance(getattr(state, "data", None), MlclsError)
@@ -60,12 +42,10 @@ def train_task(spec: LabelsSpec, out: str, cfg: dict[str, Any], pre: dict[str, A
                classes: list[str] | None, name: str | None, storage_options: dict[str, Any] | None,
                ) -> dict[str, Any]:
     """Train and write the bundle; a retry resumes from the checkpoint of the failed attempt."""
-    logger = get_run_logger()
     resume = task_run.get_run_count() > 1 and has_checkpoint(out, storage_options)
-    with epoch_logs(logger):
-        trained = train_from_labels(spec, out, cfg=TrainConfig.from_dict(cfg), pre=Preprocess.from_dict(pre),
-                                    classes=classes, weights=weights, name=name, resume=resume,
-                                    storage_options=storage_options, log=logger.info, warn=logger.warning)
+    trained = train_from_labels(spec, out, cfg=TrainConfig.from_dict(cfg), pre=Preprocess.from_dict(pre),
+                                classes=classes, weights=weights, name=name, resume=resume,
+                                storage_options=storage_options)
     v = trained.bundle.metrics["validation"]
     return json_safe({"bundle": out, "model": trained.bundle.model_id, "train_images": trained.train_images,
             "val_images": trained.val_images, "best_epoch": trained.result.best_epoch,
@@ -82,6 +62,7 @@ def train_bundle(labels: str, out: str, images: str | None = None, arch: str = "
                  device: str = "auto", classes: list[str] | None = None, name: str | None = None,
                  storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fine-tune `arch` on the labels file and write a bundle with calibrated thresholds to `out`."""
+    route_library_logs()
     cfg = TrainConfig(arch=arch, epochs=epochs, freeze_epochs=freeze_epochs, batch_size=batch_size, lr=lr,
                       loss=loss, pos_weight=pos_weight, seed=seed, device=device).validate()
     pre = Preprocess(size=size, resize_size=resize_size or round(size * 8 / 7))
@@ -99,7 +80,7 @@ def eval_task(model: str, spec: LabelsSpec, report: str | None, threshold: float
     """Measure the bundle and write the report; returns the headline metrics."""
     logger = get_run_logger()
     evaluated = eval_bundle(model, spec, report=report, threshold=threshold, thresholds_file=thresholds_file,
-                            top_k=top_k, options=options, storage_options=storage_options, warn=logger.warning)
+                            top_k=top_k, options=options, storage_options=storage_options)
     m = evaluated.metrics
     logger.info("%s on %d images: mAP %.4f, macro-F1 %.4f at the bundle's thresholds", m["model"], m["images"],
                 m["mAP"], m["at_thresholds"]["macro_f1"])
@@ -116,6 +97,7 @@ def eval_bundle_flow(model: str, labels: str, images: str | None = None, report:
                      only_valid: bool = False, device: str = "auto", batch_size: int = 64,
                      storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Measure the bundle at `model` on a labels file; write metrics JSON and the HTML report to `report`."""
+    route_library_logs()
     spec = LabelsSpec(path=labels, images=images)
     options = ScoreOptions(device=device, batch_size=batch_size, only_valid=only_valid)
     headline = eval_task(model, spec, report, threshold, thresholds_file, top_k, options, storage_options)

@@ -1,13 +1,16 @@
-"""What the CLI shows: a progress bar fed by library events, and run summaries."""
+"""What the CLI shows: the library's log messages, a progress bar fed by library events, and run summaries."""
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from rich.console import Console
+from rich.console import Console, ConsoleRenderable, Group
+from rich.highlighter import NullHighlighter
+from rich.logging import RichHandler
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -28,6 +31,55 @@ if TYPE_CHECKING:  # a type only: `mlcls query` and friends start without import
 
 console = Console(stderr=True, highlight=False)
 out_console = Console(highlight=False)
+LIBRARY_LOGGER = "mlcls"
+
+
+class MessageHandler(RichHandler):
+    """Log records on the stderr console as the CLI has always shown them: the message alone, warnings and
+    errors after a `mlcls: warning:` / `mlcls: error:` prefix; no time, level or path columns, no markup.
+
+    Printed through the same console as the progress bars, so a message lands above a live bar.
+    """
+
+    PREFIXES = ((logging.ERROR, "mlcls: error: ", "red"), (logging.WARNING, "mlcls: warning: ", "yellow"))
+
+    def __init__(self, level: int = logging.NOTSET, stream: Console | None = None) -> None:
+        super().__init__(level, stream or console, show_time=False, show_level=False, show_path=False,
+                         markup=False, highlighter=NullHighlighter(), keywords=[])
+
+    def render_message(self, record: logging.LogRecord, message: str) -> ConsoleRenderable:
+        text = Text(message)
+        for level, prefix, style in self.PREFIXES:
+            if record.levelno >= level:
+                return Text.assemble((prefix, style), text)
+        return text
+
+    def render(self, *, record: logging.LogRecord, traceback: ConsoleRenderable | None,
+               message_renderable: ConsoleRenderable) -> ConsoleRenderable:
+        """The message as a plain line (wrapped at words like any console print), not a padded table row."""
+        return Group(message_renderable, traceback) if traceback else message_renderable
+
+
+@contextmanager
+def library_logs(quiet: bool = False) -> Iterator[MessageHandler]:
+    """Show the `mlcls` loggers' records on stderr while the block runs: INFO and up, WARNING and up if `quiet`.
+
+    The `mlcls` logger stays at INFO either way (other handlers on it, such as Prefect's API handler during a
+    flow run, still get the progress lines) and stops propagating, so nothing is shown twice. Put back as it
+    was afterwards, so that `main` can run many times in one process (the tests do).
+    """
+    lib = logging.getLogger(LIBRARY_LOGGER)
+    handler = MessageHandler(logging.WARNING if quiet else logging.INFO)
+    saved = lib.level, lib.propagate
+    lib.addHandler(handler)
+    lib.setLevel(logging.INFO)
+    lib.propagate = False
+    try:
+        yield handler
+    finally:
+        lib.removeHandler(handler)
+        lib.setLevel(saved[0])
+        lib.propagate = saved[1]
 
 
 class RateColumn(ProgressColumn):
@@ -64,11 +116,12 @@ def progress_bar(enabled: bool = True) -> Iterator[None]:
         unsubscribe()
 
 
-def print_summary(summary: RunSummary) -> None:
-    """The short report after `mlcls tag`."""
+def print_summary(summary: RunSummary, wall: float | None = None) -> None:
+    """The short report after `mlcls tag`; with `wall`, where the command's time went."""
     if summary.new == 0:
         out_console.print(f"0 new images: all {summary.listed} listed images are already tagged by "
                           f"{summary.model} in {summary.out}")
+        _print_wall(summary, wall)
         return
     out_console.print(
         f"[bold]tagged {summary.tagged} of {summary.new} new images[/bold] in {summary.seconds:.1f} s "
@@ -83,6 +136,14 @@ def print_summary(summary: RunSummary) -> None:
     if summary.failed_shards:
         out_console.print(f"[red]{len(summary.failed_shards)} shards failed[/red]; run the same command again "
                           "to retry them")
+    _print_wall(summary, wall)
+
+
+def _print_wall(summary: RunSummary, wall: float | None) -> None:
+    """Wall time split: start-up (imports, checks, Prefect's local server) and the run itself."""
+    if wall is not None:
+        out_console.print(f"wall {wall:.1f} s: {max(0.0, wall - summary.seconds):.1f} s start-up "
+                          f"(imports, checks, Prefect), {summary.seconds:.1f} s planning and tagging")
 
 
 def error(message: str) -> None:

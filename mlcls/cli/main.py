@@ -3,7 +3,8 @@
 Argument parsing and presentation only: every command turns its arguments into plain values and
 calls the library (or, for `tag`, the Prefect flow in `flows/`, imported lazily so that the rest of
 the CLI starts fast and works without a Prefect server). Errors the user can fix print one line
-and exit 2.
+and exit 2. The library reports through `logging` (loggers under `mlcls`) and configures no
+handlers: `main` is where they are shown (`console.library_logs`), once, for every command.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 from mlcls import __version__
 from mlcls.cli import bundle, query, tag, train
-from mlcls.cli.console import error
+from mlcls.cli.console import error, library_logs
 from mlcls.cli.options import EXIT_USAGE
 from mlcls.errors import MlclsError
 
@@ -26,14 +27,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:
         parser.print_help()
         return EXIT_USAGE
-    try:
-        return handler(args)
-    except MlclsError as err:
-        error(str(err))
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        error("interrupted; finished shards are kept: run the same command again to continue")
-        return 130
+    with library_logs(quiet=getattr(args, "quiet", False)):
+        try:
+            return handler(args)
+        except MlclsError as err:
+            error(str(err))
+            return EXIT_USAGE
+        except KeyboardInterrupt:
+            error("interrupted; finished shards are kept: run the same command again to continue")
+            return 130
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from typing import Any
 
+from mlcls.cli import STARTED
+from mlcls.cli.local_server import LocalServer
 from mlcls.cli.options import EXIT_FAILED, add_storage_options
 from mlcls.errors import MlclsError
 
@@ -43,7 +46,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shards-per-run", type=int, default=1, help="shards per fanned-out flow run (default 1)")
     add_storage_options(p)
     p.add_argument("--no-prefect", action="store_true", help="run in this process without Prefect (same output)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar; of mlcls's messages only warnings")
     p.add_argument("-v", "--verbose", action="store_true", help="show Prefect's logs")
     p.set_defaults(handler=cmd_tag)
 
@@ -59,23 +62,25 @@ def _tag_options(args: argparse.Namespace) -> Any:
 
 
 def cmd_tag(args: argparse.Namespace) -> int:
+    _check_fan_out(args)
+    server = None if args.no_prefect else _local_server(args.verbose)  # first: it boots while torch imports
     from mlcls.cli.console import print_summary, progress_bar
     from mlcls.sources import check_source
     from mlcls.tag import job
     from mlcls.tag.engine import resolve_device
 
     options = _tag_options(args)
-    _check_fan_out(args)
     resolve_device(options.device)
     check_source(args.source, args.storage_options)  # then bundle and output: all before any work
     job.open_run(args.out, args.model, options, args.storage_options)
     with progress_bar(enabled=not args.quiet):
-        if args.no_prefect:
+        if server is None:
             summary_dict = job.tag_images(args.source, args.out, args.model, options, args.storage_options).to_dict()
         else:
+            server.wait()
             summary_dict = _run_flow(args, options)
     summary = job.RunSummary(**{k: v for k, v in summary_dict.items() if k != "images_per_second"})
-    print_summary(summary)
+    print_summary(summary, wall=time.perf_counter() - STARTED)
     return EXIT_FAILED if summary.failed_shards else 0
 
 
@@ -91,13 +96,24 @@ def _check_fan_out(args: argparse.Namespace) -> None:
         raise MlclsError(f"--shards-per-run must be at least 1, not {args.shards_per_run}")
 
 
-def _run_flow(args: argparse.Namespace, options: Any) -> dict[str, Any]:
-    """Run the tag-images flow in this process (Prefect's local mode unless PREFECT_API_URL is set)."""
-    if not args.verbose:
+def _local_server(verbose: bool) -> LocalServer:
+    """Prefect's settings, then its local server booting in the background while the CLI checks and loads."""
+    _prefect_env(verbose)
+    return LocalServer().start()
+
+
+def _prefect_env(verbose: bool) -> None:
+    """Prefect's settings for a CLI run, set before Prefect is first imported (it reads some only then)."""
+    if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    _add_extra_logger("mlcls")
     # A busy 2-core machine can take longer than Prefect's default 20 s to start the local server.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+def _run_flow(args: argparse.Namespace, options: Any) -> dict[str, Any]:
+    """Run the tag-images flow in this process (Prefect's local mode unless PREFECT_API_URL is set)."""
     from flows.tag import tag_images
 
     try:
@@ -107,6 +123,17 @@ def _run_flow(args: argparse.Namespace, options: Any) -> dict[str, Any]:
             raise MlclsError(f"could not reach a Prefect API ({str(err).splitlines()[0]}); set PREFECT_API_URL "
                              "to a running server, or use --no-prefect") from None
         raise
+
+
+def _add_extra_logger(name: str) -> None:
+    """Have Prefect give the library's loggers its API handler when it sets up logging (on first import).
+
+    Added to the user's own PREFECT_LOGGING_EXTRA_LOGGERS, if any. `flows.logs` does the same at flow start
+    in a process where Prefect's logging was set up before this ran.
+    """
+    names = [n.strip() for n in os.environ.get("PREFECT_LOGGING_EXTRA_LOGGERS", "").split(",") if n.strip()]
+    if name not in names:
+        os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"] = ",".join([*names, name])
 
 
 def _call_flow(tag_images: Any, args: argparse.Namespace, options: Any) -> dict[str, Any]:

@@ -36,7 +36,7 @@ def _add_labels_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=8, help="image read/decode threads (default: 8)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     add_storage_options(p)
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or progress lines: only warnings")
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -168,11 +168,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise OptionError("--workers must be >= 1")
     classes = read_classes(args.classes)[0] if args.classes else None
-    with training_progress(enabled=not args.quiet) as (log, warn):
+    with training_progress(enabled=not args.quiet):
         trained = train_from_labels(_labels_spec(args, args.labels), args.out, cfg=cfg, pre=pre, classes=classes,
                                     weights=args.weights, name=args.name, resume=args.resume,
                                     workers=args.workers, storage_options=args.storage_options,
-                                    weights_dtype="float16" if args.half else "float32", log=log, warn=warn)
+                                    weights_dtype="float16" if args.half else "float32")
     v = trained.bundle.metrics["validation"]
     say(f"[bold]wrote bundle {args.out}[/bold]: {trained.bundle.model_id}, "
         f"{len(trained.bundle.classes)} classes, best epoch {trained.result.best_epoch} of "
@@ -188,10 +188,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mlcls.train.eval_job import eval_bundle
 
     options = _score_options(args)
-    with training_progress(enabled=not args.quiet) as (_, warn):
+    with training_progress(enabled=not args.quiet):
         evaluated = eval_bundle(args.bundle, _labels_spec(args, args.labels), report=args.report,
                                 threshold=args.threshold, thresholds_file=args.thresholds, top_k=args.top_k,
-                                options=options, storage_options=args.storage_options, warn=warn)
+                                options=options, storage_options=args.storage_options)
     print_eval(evaluated.metrics)
     if evaluated.files:
             say(f"report: {', '.join(evaluated.files)}")
@@ -203,10 +203,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     options = _score_options(args)
     spec = _labels_spec(args, args.labels) if args.labels else None
-    with training_progress(enabled=not args.quiet) as (_, warn):
+    with training_progress(enabled=not args.quiet):
         before, after = calibrate_bundle(args.bundle, spec, out=args.out, threshold=args.threshold,
                                          thresholds_file=args.thresholds, min_positives=args.min_positives,
-                                         options=options, storage_options=args.storage_options, warn=warn)
+                                         options=options, storage_options=args.storage_options)
     say(f"[bold]wrote {args.out or args.bundle}[/bold]: {after.model_id}, thresholds by "
         f"{after.threshold_method} (were {before.threshold_method})")
     for name, old, new in zip(after.classes, before.thresholds, after.thresholds, strict=True):
@@ -239,19 +239,16 @@ def print_eval(m: dict[str, Any]) -> None:
 
 
 @contextmanager
-def training_progress(enabled: bool = True) -> Iterator[tuple[Any, Any]]:
-    """Progress bars for reading images and for each epoch (loss, then val mAP); yields (log, warn)."""
+def training_progress(enabled: bool = True) -> Iterator[None]:
+    """Progress bars for reading images and for each epoch (loss, then val mAP) while the block runs.
+
+    The library's own lines (one per epoch, warnings) are log records, which `main` shows on the same console.
+    """
     from mlcls.cli.console import console
     from mlcls.cli.train_progress import TrainProgress
 
-    def log(message: str) -> None:
-        console.print(message, highlight=False)
-
-    def warn(message: str) -> None:
-        console.print(f"[yellow]mlcls: warning:[/yellow] {message}", highlight=False)
-
     if not enabled:
-        yield log, warn
+        yield
         return
     with TrainProgress(console):
-        yield log, warn
+        yield

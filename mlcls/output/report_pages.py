@@ -1,6 +1,7 @@
 """The report's pages as strings: `index.html`, `labels-NNN.html`, `failed.html`.
 
-Plain HTML with one inline style sheet and inline SVG charts; thumbnails are
+Built with `mlcls.pages` (every value escaped unless it is markup) on its
+shared page skeleton, with inline SVG charts from `mlcls.charts`; thumbnails are
 relative links into `thumbs/`, so the folder opens from disk or any static
 host. A few lines of script set `data-images`/`data-broken` on <body> once
 the page has loaded (and show a warning if a thumbnail did not load), which
@@ -11,30 +12,25 @@ from __future__ import annotations
 
 import math
 import os
-from html import escape
 
 from mlcls.charts import bar_chart, histogram
 from mlcls.output.report_data import PAGE_LABELS, ReportData
+from mlcls.pages import Markup, html, join, page
 
 BAR_LABELS = 50
 INDEX_FAILURES = 50
 
-STYLE = """
-body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}
-h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px} h3{font-size:14px;margin:12px 0 6px}
-.meta{color:#666;margin-bottom:16px} .cards{display:flex;gap:12px;flex-wrap:wrap}
-.card{border:1px solid #ddd;border-radius:6px;padding:8px 14px;min-width:110px}
-.card b{display:block;font-size:20px} table{border-collapse:collapse} td,th{padding:2px 10px;text-align:left}
-td.n,th.n{text-align:right} tr:nth-child(even){background:#f6f6f6} nav{margin:10px 0}
-nav a{margin-right:10px} section.label{border-top:1px solid #ddd;padding-top:6px}
+CSS = Markup("""
+.cards{display:flex;gap:12px;flex-wrap:wrap} .card{border:1px solid #ddd;border-radius:6px;padding:8px 14px;
+min-width:110px} .card b{display:block;font-size:20px} section.label{border-top:1px solid #ddd;padding-top:6px}
 .grid{display:flex;flex-wrap:wrap;gap:6px} figure{margin:0;width:124px;font-size:11px;color:#555}
 figure img{width:120px;height:120px;object-fit:cover;border:1px solid #ccc;display:block}
 figure .missing{width:120px;height:120px;border:1px dashed #c66;display:flex;align-items:center;
 justify-content:center;color:#c66} figcaption{overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
-.row{display:flex;gap:24px;flex-wrap:wrap;align-items:flex-start} .warn{color:#b00}
-"""
+.row{display:flex;gap:24px;flex-wrap:wrap;align-items:flex-start}
+""")
 
-CHECK = """<script>
+CHECK = Markup("""<script>
 window.addEventListener("load", function () {
   var imgs = Array.prototype.slice.call(document.images);
   var broken = imgs.filter(function (i) { return !i.complete || i.naturalWidth === 0; });
@@ -47,7 +43,7 @@ window.addEventListener("load", function () {
     document.body.insertBefore(p, document.body.firstChild);
   }
 });
-</script>"""
+</script>""")
 
 
 def render_pages(data: ReportData) -> dict[str, str]:
@@ -56,15 +52,14 @@ def render_pages(data: ReportData) -> dict[str, str]:
     chunks = [data.detailed[i:i + PAGE_LABELS] for i in range(0, len(data.detailed), PAGE_LABELS)]
     for n, chunk in enumerate(chunks, 1):
         nav = _nav(n, len(chunks))
-        body = nav + "".join(_label_section(data, label) for label in chunk) + nav
+        body = join([nav, *(_label_section(data, label) for label in chunk), nav])
         pages[_label_page(n)] = _page(f"mlcls report: labels page {n}", body)
     pages["failed.html"] = _page("mlcls report: failed files", _failed_body(data))
     return pages
 
 
-def _page(title: str, body: str) -> str:
-    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
-            f"<style>{STYLE}</style></head><body>{body}{CHECK}</body></html>\n")
+def _page(title: str, body: Markup) -> str:
+    return page(title, body, css=CSS, script=CHECK)
 
 
 def _label_page(n: int) -> str:
@@ -79,82 +74,82 @@ def _anchor(data: ReportData, label: str) -> str:
     return f"{_label_page(i // PAGE_LABELS + 1)}#label-{i}"
 
 
-def _index_body(data: ReportData) -> str:
+def _index_body(data: ReportData) -> Markup:
     s = data.stats
     cards = [("images", s.images), ("tagged", s.tagged), ("errors", sum(s.errors.values())),
              ("labels in use", sum(1 for x in s.labels if x.images)), ("no label", s.unlabelled),
              ("superseded rows", s.superseded)]
-    models = ", ".join(f"{escape(m)} ({n:,})" for m, n in s.models.items())
+    models = ", ".join(f"{m} ({n:,})" for m, n in s.models.items())
     bars = [(x.label, x.images) for x in s.labels[:BAR_LABELS]]
     more = len(s.labels) - len(bars)
-    return "".join([
-        "<h1>mlcls report</h1>",
-        f'<div class="meta">{escape(s.out)}: {s.parts} part files; model {models}; probabilities '
-        f"{escape(s.probs)}; generated {escape(data.generated)}</div>",
-        '<div class="cards">', *(f'<div class="card"><b>{v:,}</b>{k}</div>' for k, v in cards), "</div>",
+    return join([
+        Markup("<h1>mlcls report</h1>"),
+        html('<div class="meta">{}: {} part files; model {}; probabilities {}; generated {}</div>',
+             s.out, s.parts, models, s.probs, data.generated),
+        html('<div class="cards">{}</div>', join(html('<div class="card"><b>{:,}</b>{}</div>', v, k)
+                                                 for k, v in cards)),
         _links(data),
-        "<h2>Images per label</h2>", bar_chart(bars, title="images per label"),
-        f"<p>{more} more labels in the table below.</p>" if more > 0 else "",
-        "<h2>Labels</h2>", _label_table(data),
-        "<h2>Labels that occur together</h2>", _pairs_table(data),
-        "<h2>Errors</h2>", _errors(data, INDEX_FAILURES),
+        Markup("<h2>Images per label</h2>"), bar_chart(bars, title="images per label"),
+        html("<p>{} more labels in the table below.</p>", more) if more > 0 else "",
+        Markup("<h2>Labels</h2>"), _label_table(data),
+        Markup("<h2>Labels that occur together</h2>"), _pairs_table(data),
+        Markup("<h2>Errors</h2>"), _errors(data, INDEX_FAILURES),
     ])
 
 
-def _links(data: ReportData) -> str:
+def _links(data: ReportData) -> Markup:
     pages = -(-len(data.detailed) // PAGE_LABELS)
-    links = " ".join(f'<a href="{_label_page(n)}">labels page {n}</a>' for n in range(1, pages + 1))
-    return f'<nav>{links} <a href="failed.html">failed files</a></nav>'
+    links = join((html('<a href="{0}">labels page {1}</a>', _label_page(n), n) for n in range(1, pages + 1)), " ")
+    return html('<nav>{} <a href="failed.html">failed files</a></nav>', links)
 
 
-def _label_table(data: ReportData) -> str:
+def _label_table(data: ReportData) -> Markup:
     s = data.stats
     rows = []
     for x in s.labels:
         href = _anchor(data, x.label)
-        name = f'<a href="{href}">{escape(x.label)}</a>' if href else escape(x.label)
+        name = html('<a href="{}">{}</a>', href, x.label) if href else x.label
         mean = f"{x.mean_prob:.3f}" if x.mean_prob is not None else "-"
         share = f"{x.images / s.tagged:.1%}" if s.tagged else "-"
-        rows.append(f'<tr><td>{name}</td><td class="n">{x.images:,}</td><td class="n">{share}</td>'
-                    f'<td class="n">{mean}</td><td class="n">{x.threshold:.3f}</td></tr>')
-    return ('<table class="labels"><tr><th>label</th><th class="n">images</th><th class="n">share of tagged</th>'
-            '<th class="n">mean probability</th><th class="n">threshold</th></tr>' + "".join(rows) + "</table>")
+        rows.append(html('<tr><td>{}</td><td class="n">{:,}</td><td class="n">{}</td><td class="n">{}</td>'
+                         '<td class="n">{:.3f}</td></tr>', name, x.images, share, mean, x.threshold))
+    return html('<table class="labels"><tr><th>label</th><th class="n">images</th><th class="n">share of tagged'
+                '</th><th class="n">mean probability</th><th class="n">threshold</th></tr>{}</table>', join(rows))
 
 
-def _pairs_table(data: ReportData) -> str:
+def _pairs_table(data: ReportData) -> Markup:
     if not data.stats.pairs:
-        return "<p>No image holds two labels.</p>"
-    rows = "".join(f'<tr><td>{escape(a)} + {escape(b)}</td><td class="n">{n:,}</td></tr>'
-                   for a, b, n in data.stats.pairs)
-    return f'<table><tr><th>pair</th><th class="n">images</th></tr>{rows}</table>'
+        return Markup("<p>No image holds two labels.</p>")
+    rows = join(html('<tr><td>{} + {}</td><td class="n">{:,}</td></tr>', a, b, n) for a, b, n in data.stats.pairs)
+    return html('<table><tr><th>pair</th><th class="n">images</th></tr>{}</table>', rows)
 
 
-def _errors(data: ReportData, limit: int) -> str:
+def _errors(data: ReportData, limit: int) -> Markup:
     s, f = data.stats, data.failures
     if not f.total:
-        return "<p>No file failed.</p>"
-    kinds = "".join(f'<tr><td>{escape(k)}</td><td class="n">{n:,}</td></tr>' for k, n in s.errors.items())
+        return Markup("<p>No file failed.</p>")
+    kinds = join(html('<tr><td>{}</td><td class="n">{:,}</td></tr>', k, n) for k, n in s.errors.items())
     shown = f.items[:limit]
-    rows = "".join(f"<tr><td>{escape(u)}</td><td>{escape(e)}</td></tr>" for u, e in shown)
-    more = f'<p><a href="failed.html">all {f.total:,} failed files</a></p>' if f.total > len(shown) else ""
-    return (f'<table><tr><th>kind</th><th class="n">files</th></tr>{kinds}</table>'
-            f'<h3>Failed files</h3><table class="failed"><tr><th>file</th><th>error</th></tr>{rows}</table>{more}')
+    rows = join(html("<tr><td>{}</td><td>{}</td></tr>", u, e) for u, e in shown)
+    more = html('<p><a href="failed.html">all {:,} failed files</a></p>', f.total) if f.total > len(shown) else ""
+    return html('<table><tr><th>kind</th><th class="n">files</th></tr>{}</table><h3>Failed files</h3>'
+                '<table class="failed"><tr><th>file</th><th>error</th></tr>{}</table>{}', kinds, rows, more)
 
 
-def _failed_body(data: ReportData) -> str:
+def _failed_body(data: ReportData) -> Markup:
     f = data.failures
     note = f" (the first {len(f.items):,})" if f.total > len(f.items) else ""
-    return (f'<h1>Failed files</h1><nav><a href="index.html">report</a></nav><p>{f.total:,} files failed{note}.</p>'
-            + _errors(data, len(f.items)))
+    return html('<h1>Failed files</h1><nav><a href="index.html">report</a></nav><p>{:,} files failed{}.</p>{}',
+                f.total, note, _errors(data, len(f.items)))
 
 
-def _nav(n: int, pages: int) -> str:
-    prev = f'<a href="{_label_page(n - 1)}">previous</a>' if n > 1 else ""
-    nxt = f'<a href="{_label_page(n + 1)}">next</a>' if n < pages else ""
-    return f'<nav><a href="index.html">report</a> {prev} labels page {n} of {pages} {nxt}</nav>'
+def _nav(n: int, pages: int) -> Markup:
+    prev = html('<a href="{}">previous</a>', _label_page(n - 1)) if n > 1 else ""
+    nxt = html('<a href="{}">next</a>', _label_page(n + 1)) if n < pages else ""
+    return html('<nav><a href="index.html">report</a> {} labels page {} of {} {}</nav>', prev, n, pages, nxt)
 
 
-def _label_section(data: ReportData, label: str) -> str:
+def _label_section(data: ReportData, label: str) -> Markup:
     j = data.dataset.classes.index(label)
     stat = next(x for x in data.stats.labels if x.label == label)
     threshold = stat.threshold
@@ -163,21 +158,20 @@ def _label_section(data: ReportData, label: str) -> str:
     top = _grid(data, data.tops.images("top", j), f"Highest scoring: {label}")
     near = _grid(data, data.tops.images("near", j), f"Just under the threshold ({threshold:.2f}): {label}",
                  empty="none between half the threshold and the threshold")
-    return (f'<section class="label" id="label-{data.detailed.index(label)}"><h2>{escape(label)}</h2>'
-            f"<p>{stat.images:,} images, threshold {threshold:.3f}{mean}</p>"
-            f'<div class="row"><div><h3>Probability over all tagged images (log scale)</h3>{chart}</div>'
-            f"<div>{top}{near}</div></div></section>")
+    return html('<section class="label" id="label-{}"><h2>{}</h2><p>{:,} images, threshold {:.3f}{}</p>'
+                '<div class="row"><div><h3>Probability over all tagged images (log scale)</h3>{}</div>'
+                "<div>{}{}</div></div></section>",
+                data.detailed.index(label), label, stat.images, threshold, mean, chart, top, near)
 
 
-def _grid(data: ReportData, images: list[tuple[str, float]], title: str, empty: str = "none") -> str:
+def _grid(data: ReportData, images: list[tuple[str, float]], title: str, empty: str = "none") -> Markup:
     if not images:
-        return f"<h3>{escape(title)}</h3><p>{escape(empty)}</p>"
+        return html("<h3>{}</h3><p>{}</p>", title, empty)
     figures = []
     for uri, p in images:
-        name = escape(os.path.basename(uri.rstrip("/")) or uri)
+        name = os.path.basename(uri.rstrip("/")) or uri
         thumb = data.thumbs.get(uri)
-        pic = (f'<img src="{escape(thumb)}" alt="{name}">' if thumb
-               else '<div class="missing">unreadable</div>')
+        pic = html('<img src="{}" alt="{}">', thumb, name) if thumb else Markup('<div class="missing">unreadable</div>')
         shown = math.floor(p * 1000) / 1000  # truncated: a near miss at 0.4999 must not read as 0.500
-        figures.append(f'<figure title="{escape(uri)}">{pic}<figcaption>{shown:.3f} {name}</figcaption></figure>')
-    return f'<h3>{escape(title)}</h3><div class="grid">{"".join(figures)}</div>'
+        figures.append(html('<figure title="{}">{}<figcaption>{:.3f} {}</figcaption></figure>', uri, pic, shown, name))
+    return html('<h3>{}</h3><div class="grid">{}</div>', title, join(figures))

@@ -8,7 +8,7 @@ report folder can be written.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +22,7 @@ from mlcls.train.metrics import MIN_POSITIVES_FOR_OWN_THRESHOLD
 from mlcls.train.scoring import Scored, missing_positive_classes, read_eval_labels, report_metrics, score_table
 from mlcls.train.thresholds import override_rule
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,15 +45,14 @@ class ScoreOptions:
 
 def eval_bundle(model: str, spec: LabelsSpec, *, report: str | None = None, threshold: float | None = None,
                 thresholds_file: str | None = None, top_k: int | None = None,
-                options: ScoreOptions = ScoreOptions(), storage_options: StorageOptions = None,
-                warn: Log = print) -> Evaluated:
+                options: ScoreOptions = ScoreOptions(), storage_options: StorageOptions = None) -> Evaluated:
     """Measure the bundle at `model` on the images of `spec`; write the report to `report` if given."""
     bundle = load_bundle(model, storage_options)
     rule = override_rule(bundle.classes, threshold=threshold, thresholds_file=thresholds_file, top_k=top_k,
                          storage_options=storage_options)
     if report:
         check_folder(report, "--report", storage_options)
-    scored = _score(bundle, spec, options, storage_options, warn)
+    scored = _score(bundle, spec, options, storage_options)
     result = report_metrics(bundle, scored, rule=rule, labels=spec.path)
     files = write_eval_report(report, result, scored, list(bundle.classes), bundle.thresholds,
                          storage_options) if report else []
@@ -63,7 +62,7 @@ def eval_bundle(model: str, spec: LabelsSpec, *, report: str | None = None, thre
 def calibrate_bundle(model: str, spec: LabelsSpec | None, *, out: str | None = None,
                      threshold: float | None = None, thresholds_file: str | None = None,
                      min_positives: int = MIN_POSITIVES_FOR_OWN_THRESHOLD, options: ScoreOptions = ScoreOptions(),
-                     storage_options: StorageOptions = None, warn: Log = print) -> tuple[Bundle, Bundle]:
+                     storage_options: StorageOptions = None) -> tuple[Bundle, Bundle]:
     """New thresholds for the bundle at `model`, written to `out` (default: in place); returns (before, after).
 
     With a labels file: per-class max-F1 thresholds on its images (classes
@@ -85,20 +84,19 @@ def calibrate_bundle(model: str, spec: LabelsSpec | None, *, out: str | None = N
         info = {"method": method, "source": rule.name}
         return bundle, write_thresholds(model, out, rule.thresholds, method, info, storage_options)
     assert spec is not None
-    scored = _score(bundle, spec, options, storage_options, warn)
+    scored = _score(bundle, spec, options, storage_options)
     thresholds, info = calibrated(scored, min_positives)
     info = {**info, "labels": spec.path, "images": len(scored.scores),
             "calibration": calibration_record(bundle, scored, thresholds, spec.path)}
     return bundle, write_thresholds(model, out, thresholds, "f1-per-class", info, storage_options)
 
 
-def _score(bundle: Bundle, spec: LabelsSpec, options: ScoreOptions, storage_options: StorageOptions,
-           warn: Log) -> Scored:
+def _score(bundle: Bundle, spec: LabelsSpec, options: ScoreOptions, storage_options: StorageOptions) -> Scored:
     table = read_eval_labels(spec, bundle.classes, only_valid=options.only_valid, storage_options=storage_options)
     scored = score_table(bundle, table, device=options.device, batch_size=options.batch_size,
-                         workers=options.workers, storage_options=storage_options, warn=warn)
+                         workers=options.workers, storage_options=storage_options)
     missing = missing_positive_classes(scored, bundle.classes)
     if missing:
-        warn(f"{len(missing)} classes have no positive image in {spec.path}: no AP (left out of mAP), and a "
-             f"global threshold if calibrating: {', '.join(missing[:10])}")
+        logger.warning("%d classes have no positive image in %s: no AP (left out of mAP), and a global threshold "
+                       "if calibrating: %s", len(missing), spec.path, ", ".join(missing[:10]))
     return scored

@@ -17,8 +17,9 @@ exists but cannot be decoded is left out with a warning.
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -29,7 +30,7 @@ from mlcls.images.load import LoadConfig, load_chunk
 from mlcls.images.preprocess import Preprocess
 from mlcls.storage import StorageOptions
 
-Warn = Callable[[str], None]
+logger = logging.getLogger(__name__)
 CHUNK = 16
 MEMORY_SHARE = 0.6  # of the memory available now, at most this much for the pixel arrays
 
@@ -54,8 +55,7 @@ def check_memory(images: int, side: int, what: str = "images") -> None:
 
 
 def load_pixels(uris: Sequence[str], pre: Preprocess, *, storage_options: StorageOptions = None,
-                workers: int = 8, source: str = "the labels file",
-                warn: Warn = print) -> tuple[np.ndarray, np.ndarray]:
+                workers: int = 8, source: str = "the labels file") -> tuple[np.ndarray, np.ndarray]:
     """(pixels of the readable images, their indices into `uris`); emits `loading`/`loaded` events."""
     check_memory(len(uris), pre.size)
     cfg = LoadConfig(preprocess=pre, storage_options=dict(storage_options or {}))
@@ -74,12 +74,12 @@ def load_pixels(uris: Sequence[str], pre: Preprocess, *, storage_options: Storag
                 else:
                     pixels[start + k] = d.pixels
             progress.emit(progress.Event("loaded", count=len(decoded), errors=failed))
-    bad = _check_errors(uris, errors, source, warn)
+    bad = _check_errors(uris, errors, source)
     keep = np.setdiff1d(np.arange(len(uris)), bad)
     return (pixels if len(keep) == len(uris) else pixels[keep]), keep
 
 
-def _check_errors(uris: Sequence[str], errors: list[tuple[int, str]], source: str, warn: Warn) -> np.ndarray:
+def _check_errors(uris: Sequence[str], errors: list[tuple[int, str]], source: str) -> np.ndarray:
     """Missing files stop the run; undecodable ones are dropped with a warning."""
     missing = [uris[i] for i, e in errors if e.startswith("read: file not found")]
     if missing:
@@ -94,6 +94,6 @@ def _check_errors(uris: Sequence[str], errors: list[tuple[int, str]], source: st
                           f"(first: {uris[errors[0][0]]}: {errors[0][1]})")
     if unreadable:
         first = dict(errors)[unreadable[0]]
-        warn(f"left out {len(unreadable)} of {len(uris)} images that cannot be decoded "
-             f"(first: {uris[unreadable[0]]}: {first})")
+        logger.warning("left out %d of %d images that cannot be decoded (first: %s: %s)", len(unreadable),
+                       len(uris), uris[unreadable[0]], first)
     return np.array(sorted(i for i, _ in errors), dtype=np.int64)

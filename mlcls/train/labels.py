@@ -15,9 +15,10 @@ share of validation images instead of landing all on one side by chance.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import posixpath
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +32,7 @@ VALID_COLUMNS = ("is_valid", "valid", "is_val")
 _TRUE = {"1", "true", "t", "yes", "y", "valid"}
 _FALSE = {"0", "false", "f", "no", "n", "train", ""}
 
-Warn = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -229,7 +230,7 @@ def stratified_split(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     return side == 1
 
 
-def check_class_positives(train_y: np.ndarray, val_y: np.ndarray, classes: Sequence[str], warn: Warn) -> None:
+def check_class_positives(train_y: np.ndarray, val_y: np.ndarray, classes: Sequence[str]) -> None:
     """Refuse classes the model cannot learn; warn about those whose thresholds cannot be measured.
 
     A class with no positive training image would only learn to say no: an
@@ -243,5 +244,5 @@ def check_class_positives(train_y: np.ndarray, val_y: np.ndarray, classes: Seque
                           f"{', '.join(none_train[:10])}; label some images with them, drop them from --classes, "
                           "or move some of their is_valid rows to training")
     if none_val:
-        warn(f"{len(none_val)} classes have no positive validation image: no AP, and a global threshold: "
-             f"{', '.join(none_val[:10])}")
+        logger.warning("%d classes have no positive validation image: no AP, and a global threshold: %s",
+                       len(none_val), ", ".join(none_val[:10]))

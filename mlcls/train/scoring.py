@@ -9,7 +9,7 @@ implementation training also uses.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +25,6 @@ from mlcls.train.image_cache import load_pixels
 from mlcls.train.labels import LabelsSpec, LabelTable, multi_hot, read_labels
 from mlcls.train.thresholds import LabelRule
 
-Log = Callable[[str], None]
 TOP_K = 3
 
 
@@ -56,11 +55,11 @@ def read_eval_labels(spec: LabelsSpec, classes: Sequence[str], *, only_valid: bo
 
 
 def score_table(bundle: Bundle, table: LabelTable, *, device: str = "auto", batch_size: int = 64,
-                workers: int = 8, storage_options: StorageOptions = None, warn: Log = print) -> Scored:
+                workers: int = 8, storage_options: StorageOptions = None) -> Scored:
     """Decode every listed image once and run the bundle's engine over it."""
     started = time.perf_counter()
     pixels, keep = load_pixels(table.uris, bundle.preprocess, storage_options=storage_options, workers=workers,
-                               source=table.source, warn=warn)
+                               source=table.source)
     engine = get_engine(bundle, device)
     scores = np.zeros((len(pixels), len(bundle.classes)), dtype=np.float32)
     for i in range(0, len(pixels), batch_size):

@@ -10,8 +10,9 @@ written; `resume=True` picks a killed run up where it stopped.
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +27,7 @@ from mlcls.train.labels import check_class_positives as check_positives
 from mlcls.train.trainer import TrainConfig, TrainResult, fit, write_bundle
 from mlcls.train.weights import InitWeights, load_init_weights
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
@@ -64,19 +65,19 @@ class TrainingPlan:
 def train_from_labels(spec: LabelsSpec, out: str, *, cfg: TrainConfig, pre: Preprocess,
                       classes: Sequence[str] | None = None, weights: str | None = None, name: str | None = None,
                       resume: bool = False, checkpoint: str | None = None, workers: int = 8,
-                      weights_dtype: str = "float32", storage_options: StorageOptions = None, log: Log = print,
-                      warn: Log = print, extra: dict | None = None) -> Trained:
+                      weights_dtype: str = "float32", storage_options: StorageOptions = None,
+                      extra: dict | None = None) -> Trained:
     """Read labels, split, load images once, train, calibrate, and write the bundle to `out`.
 
     `extra` goes into the bundle's training record (over the defaults: labels, weights, image counts).
     """
     plan = plan_training(spec, out, cfg=cfg, pre=pre, classes=classes, weights=weights, resume=resume,
-                         checkpoint=checkpoint, storage_options=storage_options, log=log, warn=warn)
+                         checkpoint=checkpoint, storage_options=storage_options)
     train_x, train_y, val_x, val_y, val_uris = load_split(plan, pre, workers=workers,
-                                                          storage_options=storage_options, warn=warn)
-    log(f"{len(train_y)} training images ({int((train_y.sum(1) == 0).sum())} with no labels), "
-        f"{len(val_y)} validation images, {pre.size} px")
-    result = fit(train_x, train_y, val_x, val_y, pre=pre, cfg=cfg, init=plan.init, log=log,
+                                                          storage_options=storage_options)
+    logger.info("%d training images (%d with no labels), %d validation images, %d px", len(train_y),
+                int((train_y.sum(1) == 0).sum()), len(val_y), pre.size)
+    result = fit(train_x, train_y, val_x, val_y, pre=pre, cfg=cfg, init=plan.init,
                  checkpoint=plan.checkpoint, resume=resume, classes=plan.classes, storage_options=storage_options)
     init = plan.init
     record = {"train_images": len(train_y), "val_images": len(val_y), "labels": spec.path,
@@ -90,7 +91,7 @@ def train_from_labels(spec: LabelsSpec, out: str, *, cfg: TrainConfig, pre: Prep
 
 def plan_training(spec: LabelsSpec, out: str, *, cfg: TrainConfig, pre: Preprocess,
                   classes: Sequence[str] | None, weights: str | None, resume: bool, checkpoint: str | None,
-                  storage_options: StorageOptions, log: Log, warn: Log) -> TrainingPlan:
+                  storage_options: StorageOptions) -> TrainingPlan:
     """Every check that needs no image: options, labels, split, classes, weights, input size, memory, output."""
     cfg.validate()
     check_arch(cfg.arch)
@@ -98,26 +99,26 @@ def plan_training(spec: LabelsSpec, out: str, *, cfg: TrainConfig, pre: Preproce
     names = _classes(table.classes, classes, spec.path)
     train_idx, val_idx = split(table, names, val_fraction=spec.val_fraction, seed=spec.seed)
     check_positives(multi_hot([table.labels[i] for i in train_idx], names),
-                    multi_hot([table.labels[i] for i in val_idx], names), names, warn)
-    init = load_init_weights(weights, cfg.arch, len(names), storage_options, warn=warn)
-    log(f"{cfg.arch}, {len(names)} classes, {init.describe() if init else 'random init'}")
+                    multi_hot([table.labels[i] for i in val_idx], names), names)
+    init = load_init_weights(weights, cfg.arch, len(names), storage_options)
+    logger.info("%s, %d classes, %s", cfg.arch, len(names), init.describe() if init else "random init")
     check_forward(build_model(cfg.arch, len(names), None).eval(), cfg.arch, pre.size, len(names))
     check_memory(len(table.uris), pre.resize_size, "images")
     check_folder(out, "--out", storage_options)
     ckpt = checkpoint or default_checkpoint(out)
-    _check_checkpoint(ckpt, resume, storage_options, warn)
+    _check_checkpoint(ckpt, resume, storage_options)
     return TrainingPlan(spec, table, names, train_idx, val_idx, init, ckpt)
 
 
-def load_split(plan: TrainingPlan, pre: Preprocess, *, workers: int, storage_options: StorageOptions,
-               warn: Log) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+def load_split(plan: TrainingPlan, pre: Preprocess, *, workers: int,
+               storage_options: StorageOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """Decode each image once: training ones as `resize_size` squares, validation ones as tagging sees them."""
     t, uris, labels = plan.table, np.array(plan.table.uris, dtype=object), plan.table.labels
     train_x, keep = load_pixels(list(uris[plan.train_idx]), stored_preprocess(pre), storage_options=storage_options,
-                                workers=workers, source=t.source, warn=warn)
+                                workers=workers, source=t.source)
     train_y = multi_hot([labels[i] for i in plan.train_idx[keep]], plan.classes)
     val_x, keep = load_pixels(list(uris[plan.val_idx]), pre, storage_options=storage_options, workers=workers,
-                              source=t.source, warn=warn)
+                              source=t.source)
     val_y = multi_hot([labels[i] for i in plan.val_idx[keep]], plan.classes)
     return train_x, train_y, val_x, val_y, [t.uris[i] for i in plan.val_idx[keep]]
 
@@ -146,12 +147,13 @@ def has_checkpoint(out: str, storage_options: StorageOptions = None) -> bool:
     return fs.exists(path)
 
 
-def _check_checkpoint(url: str, resume: bool, storage_options: StorageOptions, warn: Log) -> None:
+def _check_checkpoint(url: str, resume: bool, storage_options: StorageOptions) -> None:
     fs, path = url_to_fs(url, storage_options)
     if resume and not fs.exists(path):
         raise OptionError(f"no checkpoint at {url} to resume from; run without --resume to start afresh")
     if not resume and fs.exists(path):
-        warn(f"starting afresh: the checkpoint {url} of an earlier run will be overwritten (--resume continues it)")
+        logger.warning("starting afresh: the checkpoint %s of an earlier run will be overwritten "
+                       "(--resume continues it)", url)
 
 
 def _remove(url: str, storage_options: StorageOptions) -> None:

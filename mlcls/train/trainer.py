@@ -24,9 +24,10 @@ exact inference preprocessing, so validation metrics are tagging metrics.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -49,7 +50,7 @@ from mlcls.train.labels import multi_hot
 from mlcls.train.losses import LOSSES, auto_pos_weight, make_loss
 from mlcls.train.weights import InitWeights, head_parameters, init_model
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 __all__ = ["Augment", "TrainConfig", "TrainResult", "Trainer", "eval_pixels", "fit", "multi_hot", "train_pixels",
            "write_bundle"]
 
@@ -295,7 +296,7 @@ def _better(val_map: float, best_map: float) -> bool:
 
 
 def fit(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, *,
-        pre: Preprocess, cfg: TrainConfig, init: InitWeights | None = None, log: Log = print,
+        pre: Preprocess, cfg: TrainConfig, init: InitWeights | None = None,
         checkpoint: str | None = None, resume: bool = False, classes: Sequence[str] = (),
         storage_options: StorageOptions = None) -> TrainResult:
     """Train; keep the weights of the epoch with the best validation mAP; calibrate thresholds on it.
@@ -313,7 +314,7 @@ def fit(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.n
     key = fingerprint(settings, classes or [str(j) for j in range(train_y.shape[1])], len(train_x), len(val_x))
     if resume and checkpoint:
         trainer.load_state(load_checkpoint(checkpoint, key, storage_options))
-        log(f"resumed from {checkpoint} after epoch {trainer.epoch} of {cfg.epochs}")
+        logger.info("resumed from %s after epoch %d of %d", checkpoint, trainer.epoch, cfg.epochs)
     xs, ys = torch.from_numpy(train_x), torch.from_numpy(train_y)
     while trainer.epoch < cfg.epochs:
         frozen = trainer.epoch < trainer.frozen_epochs
@@ -324,8 +325,8 @@ def fit(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.n
         best = trainer.end_epoch(loss, val_map, scores, started)
         progress.emit(progress.Event("validated", values={"epoch": trainer.epoch, "loss": loss, "val_mAP": val_map,
                                                           "best": float(best)}))
-        log(f"epoch {trainer.epoch}/{cfg.epochs}  loss {loss:.4f}  val mAP {val_map:.4f}"
-            f"{'  (best)' if best else ''}{'  (backbone frozen)' if frozen else ''}")
+        logger.info("epoch %d/%d  loss %.4f  val mAP %.4f%s%s", trainer.epoch, cfg.epochs, loss, val_map,
+                    "  (best)" if best else "", "  (backbone frozen)" if frozen else "")
         if checkpoint:
             save_checkpoint(checkpoint, trainer.state(key), storage_options)
     return trainer.result(val_y, started)

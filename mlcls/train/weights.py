@@ -11,9 +11,9 @@ widths (a model with 64 classes has many 64-channel layers).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +24,7 @@ from mlcls.bundle import build_model, read_state_dict
 from mlcls.errors import BundleError, OptionError
 from mlcls.storage import StorageOptions
 
+logger = logging.getLogger(__name__)
 _ENUM_NAME = re.compile(r"^(?:[A-Za-z0-9_]+_Weights\.)?[A-Z0-9_]+$")
 _WEIGHT_FILES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
 
@@ -68,8 +69,8 @@ def is_enum_name(spec: str) -> bool:
     return bool(_ENUM_NAME.match(spec)) and not os.path.exists(spec) and not spec.lower().endswith(_WEIGHT_FILES)
 
 
-def load_init_weights(spec: str | None, arch: str, num_classes: int, storage_options: StorageOptions = None,
-                      warn: Callable[[str], None] = print) -> InitWeights | None:
+def load_init_weights(spec: str | None, arch: str, num_classes: int,
+                      storage_options: StorageOptions = None) -> InitWeights | None:
     """Read `spec` (file, URL or torchvision enum name), check it fits `arch`, drop its head.
 
     `None`, `none` or `random` is a random init. `auto` takes torchvision's
@@ -82,8 +83,9 @@ def load_init_weights(spec: str | None, arch: str, num_classes: int, storage_opt
     if spec.lower() == "auto":
         spec = cached_default_weights(arch)
         if spec is None:
-            warn(f"no torchvision weights for {arch} in the local cache ({torch.hub.get_dir()}): training from "
-                 "random init; pass --weights FILE.pth (or --weights DEFAULT to download them)")
+            logger.warning("no torchvision weights for %s in the local cache (%s): training from random init; "
+                           "pass --weights FILE.pth (or --weights DEFAULT to download them)", arch,
+                           torch.hub.get_dir())
             return None
     if is_enum_name(spec):
         state, source = torchvision_state_dict(spec, arch), f"torchvision {spec}"

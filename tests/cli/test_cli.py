@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,8 @@ def test_tag_runs_the_prefect_flow_in_local_mode_and_resumes(tmp_path, tiny_bund
     assert first.returncode == 0, first.stderr
     assert "tagged 9 of 10 new images" in first.stdout and "1 errors" in first.stdout
     assert "decode 1" in first.stdout
+    wall = r"wall \d+\.\d s: \d+\.\d s start-up \(imports, checks, Prefect\), \d+\.\d s planning and tagging"
+    assert re.search(wall, first.stdout)
     df = pl.read_parquet(f"{tmp_path}/out/*.parquet")
     assert df.height == 10 and df["model"].str.starts_with("tiny@").all()
     second = run_cli("tag", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--model", tiny_bundle,
@@ -105,3 +108,40 @@ def test_bundle_create_from_a_state_dict_then_tag_with_it(tmp_path, capsys):
     assert main(["bundle", "create", "--arch", "resnet18", "--weights", str(tmp_path / "mine.pth"),
                  "--classes", str(tmp_path / "four.txt"), "--out", str(tmp_path / "bad")]) == 2
     assert "fc.weight is (3, 512) in the weights but (4, 512) in the model" in capsys.readouterr().err
+
+
+def test_tag_asks_prefect_for_the_library_loggers_and_keeps_the_users_own(monkeypatch):
+    from mlcls.cli.tag import _add_extra_logger
+
+    monkeypatch.delenv("PREFECT_LOGGING_EXTRA_LOGGERS", raising=False)
+    _add_extra_logger("mlcls")
+    assert os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"] == "mlcls"
+    monkeypatch.setenv("PREFECT_LOGGING_EXTRA_LOGGERS", "dask, scipy")
+    _add_extra_logger("mlcls")
+    _add_extra_logger("mlcls")
+    assert os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"] == "dask,scipy,mlcls"
+
+
+def test_local_server_is_not_started_when_an_api_url_is_set(monkeypatch):
+    from mlcls.cli.local_server import LocalServer
+
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    server = LocalServer().start()
+    assert server._thread is None
+    server.wait()  # nothing to wait for
+
+
+def test_local_server_that_cannot_start_is_one_line(monkeypatch):
+    from prefect.server.api import server as prefect_server
+
+    from mlcls.cli.local_server import LocalServer
+    from mlcls.errors import MlclsError
+
+    def refuse(self, timeout=None):
+        raise RuntimeError("Timed out while attempting to connect to ephemeral Prefect API server.\nstdout: ...")
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setattr(prefect_server.SubprocessASGIServer, "start", refuse)
+    server = LocalServer().start()
+    with pytest.raises(MlclsError, match=r"^could not start Prefect's local server \(Timed out [^\n]*\); set"):
+        server.wait()

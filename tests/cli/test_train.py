@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from xml.etree import ElementTree
 
 import pytest
 import torch
@@ -55,9 +56,9 @@ def test_eval_on_the_validation_rows_reproduces_the_training_metrics(trained, ca
     assert m["override"]["rule"] == "top-2" and m["at_top3"]["OR"] >= m["override"]["OR"]
     assert [r["class"] for r in m["per_class"]] == list(load_bundle(str(bundle_dir)).classes)
     html = (tmp_path / "report" / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3 and "Per-class AP" in html
-    for name in ("ap.png", "pr.png", "f1.png"):
-        assert (tmp_path / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert html.count('<svg class="chart') == 3 and "Per-class AP" in html
+    for name in ("ap.svg", "pr.svg", "f1.svg"):
+        assert ElementTree.parse(tmp_path / "report" / name).getroot().tag == "{http://www.w3.org/2000/svg}svg"
 
 
 def test_calibrate_recalibrates_or_sets_thresholds_and_keeps_the_weights(trained, capsys, tmp_path):
@@ -129,6 +130,16 @@ def test_bad_training_input_is_one_line_and_exit_2_before_any_training(trained, 
         assert not out.exists() or not any(p.suffix in (".json", ".pt", ".safetensors") for p in out.iterdir())
 
 
+def test_the_library_log_lines_show_on_stderr_unless_quiet(trained, capsys, tmp_path):
+    _, labels, _ = trained
+    args = ["train", str(labels), "--out", str(tmp_path / "out"), *TRAIN_ARGS, "--resume"]  # fails after planning
+    assert main([a for a in args if a != "-q"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line]  # the progress display ends with one
+    assert lines[0] == "mobilenet_v3_small, 6 classes, random init" and lines[1].startswith("mlcls: error: no ")
+    assert main(args) == 2
+    assert capsys.readouterr().err.startswith("mlcls: error: no checkpoint at ")
+
+
 @pytest.mark.parametrize("args, message", [
     (["eval", "{bundle}", "{tmp}/l.csv"], "uses 1 classes the bundle does not have: hexagon"),
     (["eval", "{bundle}", "{labels}", "--threshold", "1.5"], "--threshold must be between 0 and 1"),
@@ -156,7 +167,7 @@ def test_eval_on_images_with_no_labels_reports_the_false_positive_rate(trained, 
     rows = [r for r in read_rows(labels) if not r["labels"]]
     negatives = write_rows(labels.parent / "negatives.csv", rows)
     assert main(["eval", str(bundle_dir), str(negatives), "--report", str(tmp_path / "r"), "-q"]) == 0
-    assert "classes have no positive image" in capsys.readouterr().err
+    assert "mlcls: warning: 6 classes have no positive image" in capsys.readouterr().err.replace("\n", " ")
     m = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert m["mAP"] is None and m["images"] == len(rows) == m["at_thresholds"]["empty_images"]
     assert 0.0 <= m["at_thresholds"]["empty_fpr"] <= 1.0 and m["at_top3"]["empty_fpr"] == 1.0

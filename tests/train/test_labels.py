@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import polars as pl
 import pytest
@@ -84,13 +86,15 @@ def test_split_errors(tmp_path):
         split(table, table.classes, val_fraction=1.5, seed=0)
 
 
-def test_a_class_with_no_training_positive_is_an_error_one_without_validation_positives_a_warning():
+def test_a_class_with_no_training_positive_is_an_error_one_without_validation_positives_a_warning(caplog):
     y_train = np.array([[1, 0, 1], [1, 0, 0]], dtype=np.float32)
     y_val = np.array([[1, 1, 0]], dtype=np.float32)
     with pytest.raises(LabelsError, match="1 classes have no positive training image and cannot be learnt: b"):
-        check_class_positives(y_train, y_val, ["a", "b", "c"], warn=print)
-    warnings = []
-    check_class_positives(y_train[:, [0, 2]], y_val[:, [0, 2]], ["a", "c"], warn=warnings.append)
+        check_class_positives(y_train, y_val, ["a", "b", "c"])
+    caplog.clear()
+    check_class_positives(y_train[:, [0, 2]], y_val[:, [0, 2]], ["a", "c"])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert [r.name for r in caplog.records] == ["mlcls.train.labels"]
     assert len(warnings) == 1 and "no positive validation image" in warnings[0] and warnings[0].endswith(": c")
 
 

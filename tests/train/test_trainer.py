@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 import numpy as np
@@ -44,9 +45,7 @@ def arrays():
 
 def test_train_then_tag_gives_the_same_probabilities(tmp_path):
     labels = write_shapes(tmp_path / "data")
-    logs = []
-    trained = train_from_labels(LabelsSpec(str(labels)), str(tmp_path / "bundle"), cfg=CFG, pre=PRE,
-                                log=logs.append, warn=logs.append)
+    trained = train_from_labels(LabelsSpec(str(labels)), str(tmp_path / "bundle"), cfg=CFG, pre=PRE)
     bundle = load_bundle(str(tmp_path / "bundle"))
     assert bundle.digest == trained.bundle.digest and bundle.classes == tuple(sorted(DATA.classes))
     assert bundle.threshold_method == "f1-per-class" and bundle.preprocess == PRE
@@ -80,31 +79,33 @@ def _stop_at_epoch(n: int):
     return listener
 
 
-def test_an_interrupted_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path, arrays):
+def test_an_interrupted_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path, arrays, caplog):
     cfg = replace(CFG, epochs=3)
-    whole = fit(*arrays, pre=PRE, cfg=cfg, log=lambda _: None)
+    whole = fit(*arrays, pre=PRE, cfg=cfg)
     ckpt = str(tmp_path / "ckpt.pt")
     unsubscribe = progress.subscribe(_stop_at_epoch(3))
     with pytest.raises(KeyboardInterrupt):
-        fit(*arrays, pre=PRE, cfg=cfg, checkpoint=ckpt, log=lambda _: None)
+        fit(*arrays, pre=PRE, cfg=cfg, checkpoint=ckpt)
     unsubscribe()
-    logs = []
-    resumed = fit(*arrays, pre=PRE, cfg=cfg, checkpoint=ckpt, resume=True, log=logs.append)
+    with caplog.at_level(logging.INFO, logger="mlcls"):
+        resumed = fit(*arrays, pre=PRE, cfg=cfg, checkpoint=ckpt, resume=True)
+    logs = [r.getMessage() for r in caplog.records if r.name == "mlcls.train.trainer"]
     assert logs[0].startswith(f"resumed from {ckpt} after epoch 2 of 3") and len(logs) == 2
+    assert logs[1].startswith("epoch 3/3  loss ")
     assert resumed.best_epoch == whole.best_epoch
     assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in whole.history], abs=1e-6)
     for k, v in whole.state_dict.items():
         assert torch.allclose(resumed.state_dict[k].float(), v.float(), atol=1e-5), k
     np.testing.assert_allclose(resumed.thresholds, whole.thresholds, atol=1e-6)
     with pytest.raises(OptionError, match="is from a run with other data or settings"):
-        fit(*arrays, pre=PRE, cfg=replace(cfg, lr=1e-3), checkpoint=ckpt, resume=True, log=lambda _: None)
+        fit(*arrays, pre=PRE, cfg=replace(cfg, lr=1e-3), checkpoint=ckpt, resume=True)
 
 
 def test_pretrained_backbone_is_frozen_for_the_first_epoch_then_trained(tmp_path, arrays):
     torch.manual_seed(1)
     imagenet_like = torchvision.models.get_model("mobilenet_v3_small", num_classes=1000).state_dict()
     torch.save(imagenet_like, tmp_path / "w.pth")
-    init = load_init_weights(str(tmp_path / "w.pth"), "mobilenet_v3_small", 6, warn=print)
+    init = load_init_weights(str(tmp_path / "w.pth"), "mobilenet_v3_small", 6)
     assert init is not None and [d.split()[0] for d in init.dropped] == ["classifier.3.bias", "classifier.3.weight"]
     train_x, train_y, _, _ = arrays
     trainer = Trainer(replace(CFG, epochs=2), PRE, 6, 3, init=init)
@@ -120,15 +121,18 @@ def test_pretrained_backbone_is_frozen_for_the_first_epoch_then_trained(tmp_path
     assert not torch.equal(trainer.model.state_dict()["features.0.0.weight"], start["features.0.0.weight"])
 
 
-def test_starting_weights_errors_and_the_offline_fallback(tmp_path, monkeypatch):
+def test_starting_weights_errors_and_the_offline_fallback(tmp_path, monkeypatch, caplog):
     torch.save(torchvision.models.get_model("resnet18", num_classes=10).state_dict(), tmp_path / "r18.pth")
     with pytest.raises(BundleError, match="do not fit mobilenet_v3_small: .*keys missing"):
         load_init_weights(str(tmp_path / "r18.pth"), "mobilenet_v3_small", 4)
     with pytest.raises(OptionError, match="not a torchvision weights name for resnet18 \\(it has: IMAGENET1K_V1"):
         load_init_weights("IMAGENET9K_V9", "resnet18", 4)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-cache"))
-    warnings = []
-    assert load_init_weights("auto", "resnet18", 4, warn=warnings.append) is None
+    caplog.clear()
+    assert load_init_weights("auto", "resnet18", 4) is None
+    warnings = [r.getMessage() for r in caplog.records
+                if r.name == "mlcls.train.weights" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1
     assert "training from random init" in warnings[0] and "--weights FILE.pth" in warnings[0]
     assert load_init_weights("none", "resnet18", 4) is None
 
@@ -148,8 +152,7 @@ def test_losses_reduce_to_bce_and_asl_ignores_easy_negatives():
 
 @pytest.mark.parametrize("loss, pos_weight", [("focal", False), ("asl", False), ("bce", True)])
 def test_every_loss_option_trains(arrays, loss, pos_weight):
-    result = fit(*arrays, pre=PRE, cfg=replace(CFG, epochs=1, loss=loss, pos_weight=pos_weight),
-                 log=lambda _: None)
+    result = fit(*arrays, pre=PRE, cfg=replace(CFG, epochs=1, loss=loss, pos_weight=pos_weight))
     assert np.isfinite(result.history[0]["loss"]) and result.history[0]["loss"] > 0
     scores = result.val_scores
     assert scores.shape == (16, 6) and ((scores >= 0) & (scores <= 1)).all()
