@@ -45,9 +45,10 @@ def plan_task(source: str | list[str], out: str, model: str | None, options: dic
     opts = job.TagOptions.from_dict(options)
     bundle = job.open_run(out, model, opts, storage_options)
     plan = job.plan_run(source, out, bundle, opts, run_id, storage_options)
-    logger.info("listed %d images: %d already tagged by %s, %d new in %d shards%s", plan.listed, plan.done,
+    logger.info("listed %d images: %d already tagged by %s, %d new in %d shards%s%s", plan.listed, plan.done,
                 bundle.model_id, plan.new, len(plan.shards),
-                f" ({plan.skipped} non-image files skipped)" if plan.skipped else "")
+                f" ({plan.skipped} non-image files skipped)" if plan.skipped else "",
+                f" ({plan.duplicates} repeated URIs listed once)" if plan.duplicates else "")
     return plan
 
 
@@ -83,6 +84,7 @@ def tag_images(
     draft: bool = True,
     gpu_decode: float = 1.0,
     compile: bool = False,
+    retry_errors: bool = False,
     storage_options: dict[str, Any] | None = None,
     fan_out: Literal["none", "deployment"] = "none",
     shard_deployment: str = SHARD_DEPLOYMENT,
@@ -92,6 +94,8 @@ def tag_images(
     """Tag every new or changed image of `source` into the Parquet dataset at `out`.
 
     `model` is a bundle path or URL (default: the embedded demo bundle).
+    Images whose rows are `read` errors are always tagged again; with
+    `retry_errors`, those with `decode`, `empty` or `too_large` rows too.
     With `fan_out="none"` shards run one after another in this process; with
     `"deployment"` they become flow runs of `shard_deployment`
     (`shards_per_run` shards each) for workers on any machine to pull, and
@@ -105,7 +109,7 @@ def tag_images(
     logger = get_run_logger()
     options = job.TagOptions(batch_size=batch_size, device=device, shard_size=shard_size, workers=workers,
                                   max_pixels=max_pixels, probs=probs, precision=precision, draft=draft,
-                                  gpu_decode=gpu_decode, compile=compile).validate()
+                                  gpu_decode=gpu_decode, compile=compile, retry_errors=retry_errors).validate()
     run_id = flow_run.get_id() or job.new_run_id()
     plan = plan_task(source, out, model, options.to_dict(), run_id, storage_options)
     if fan_out == "deployment" and plan.shards:

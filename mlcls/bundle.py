@@ -32,7 +32,17 @@ from torch import nn
 
 from mlcls.errors import BundleError
 from mlcls.images.preprocess import Preprocess
-from mlcls.storage import StorageOptions, describe_os_error, join, url_to_fs, write_atomic
+from mlcls.storage import (
+    StorageOptions,
+    describe_os_error,
+    is_local,
+    join,
+    probe,
+    read_bytes,
+    read_file,
+    url_to_fs,
+    write_atomic,
+)
 
 FORMAT = "mlcls-bundle"
 FORMAT_VERSION = 1
@@ -161,6 +171,10 @@ def load_bundle(url: str | None, storage_options: StorageOptions = None) -> Bund
     url = resolve_model(url)
     if url.rstrip("/").endswith(META_FILE):
         url = url.rstrip("/")[: -len(META_FILE)].rstrip("/")
+    try:
+        probe(url, storage_options)
+    except OSError as err:
+        raise BundleError(f"cannot read bundle {url}: {describe_os_error(err)}") from err
     meta = _read_meta(url, storage_options)
     bundle_from_meta(meta, where=url)  # a malformed bundle.json fails before the weights are read
     weights = _read(url, meta.get("weights", WEIGHTS_FILE), storage_options)
@@ -180,9 +194,11 @@ def _as_float32(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _read(url: str, name: str, storage_options: StorageOptions) -> bytes:
+    """A bundle file's bytes, as long as the store says it is (a short read is read again, never
+    taken for a malformed bundle); what fails to parse after that is malformed, and fails at once."""
     try:
         fs, base = url_to_fs(url, storage_options)
-        return fs.cat_file(join(base, name))
+        return read_file(fs, join(base, name))
     except FileNotFoundError:
         if name == META_FILE:
             raise BundleError(f"no {META_FILE} in {url}: not an mlcls bundle "
@@ -289,7 +305,7 @@ def save_bundle(
     weights = save_safetensors(tensors, metadata={"format": "pt"})
     try:
         fs, base = url_to_fs(out, storage_options)
-        if not fs.exists(base):
+        if is_local(fs):
             fs.makedirs(base, exist_ok=True)
         write_atomic(fs, join(base, WEIGHTS_FILE), weights)
         write_atomic(fs, join(base, META_FILE), (json.dumps(meta, indent=2) + "\n").encode())
@@ -330,7 +346,7 @@ def read_state_dict(path: str, storage_options: StorageOptions = None) -> dict[s
     """
     try:
         fs, p = url_to_fs(path, storage_options)
-        data = fs.cat_file(p)
+        data = read_file(fs, p)
     except (OSError, ValueError) as err:
         raise BundleError(f"cannot read weights {path}: {describe_os_error(err)}") from err
     try:
@@ -364,7 +380,7 @@ def read_classes(spec: str) -> tuple[list[str], list[float] | None]:
             raise BundleError(f"classes file not found: {spec}")
         return [c.strip() for c in spec.split(",") if c.strip()], None
     fs, p = url_to_fs(spec)
-    text = fs.cat_file(p).decode("utf-8")
+    text = read_bytes(fs, p).decode("utf-8")
     if spec.endswith(".json"):
         return list(json.loads(text)), None
     if spec.endswith(".csv"):

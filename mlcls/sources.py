@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 
 from fsspec import AbstractFileSystem
 
+from mlcls import storage
 from mlcls.errors import SourceError
 from mlcls.storage import StorageOptions, describe_os_error, full_uri, is_local, url_to_fs
 
@@ -96,19 +97,22 @@ def _iter_url(url: str, storage_options: StorageOptions, stats: ListingStats) ->
     if not url.strip():
         raise SourceError("the source is empty: give a folder, URL or URI list")
     try:
+        storage.probe(url, storage_options)
         fs, path = url_to_fs(url, storage_options)
-        is_file = fs.isfile(path)
-        exists = is_file or fs.isdir(path) or fs.exists(path)
+        info = storage.stat(fs, path)
     except (OSError, ValueError, ImportError) as err:
         raise SourceError(f"cannot read source {url}: {describe_os_error(err)}") from err
-    if not exists:
+    if info is None:
         raise SourceError(f"source not found: {url}")
-    if is_file:
+    if info.get("type") == "file":
         ext = os.path.splitext(path)[1].lower()
         if ext in URI_LIST_EXTENSIONS:
-            yield from _iter_uri_list(fs, path)
+            try:
+                yield from _iter_uri_list(fs, path)
+            except OSError as err:
+                raise SourceError(f"cannot read URI list {url}: {describe_os_error(err)}") from err
         elif ext in IMAGE_EXTENSIONS:
-            yield _record_from_info(fs, fs.info(path))
+            yield _record_from_info(fs, info)
         else:
             raise SourceError(
                 f"source {url} is a file that is neither an image nor a URI list "
@@ -131,12 +135,17 @@ def _walk_files(fs: AbstractFileSystem, root: str) -> Iterator[dict]:
         yield from _walk_local(root)
     elif hasattr(fs, "call_s3"):
         yield from _walk_s3(fs, root)
-    else:
-        for _folder, dirs, files in fs.walk(root, detail=True):
-            for hidden in [d for d in dirs if d.startswith(".")]:
-                del dirs[hidden]  # walk is top-down: pruning here skips the folder
-            for name in sorted(files):
-                yield files[name]
+    else:  # a sorted walk: after a failure, walk again and skip what was yielded
+        fs.invalidate_cache(root)
+        yield from storage.retry_stream(lambda: _walk_other(fs, root), f"list {full_uri(fs, root)}")
+
+
+def _walk_other(fs: AbstractFileSystem, root: str) -> Iterator[dict]:
+    for _folder, dirs, files in fs.walk(root, detail=True):
+        for hidden in [d for d in dirs if d.startswith(".")]:
+            del dirs[hidden]  # walk is top-down: pruning here skips the folder
+        for name in sorted(files):
+            yield files[name]
 
 
 def _walk_local(root: str) -> Iterator[dict]:
@@ -153,13 +162,17 @@ def _walk_local(root: str) -> Iterator[dict]:
 
 
 def _walk_s3(fs: AbstractFileSystem, root: str) -> Iterator[dict]:
-    """ListObjectsV2 page by page (1,000 keys each), so memory stays flat for any bucket size."""
+    """ListObjectsV2 page by page (1,000 keys each), so memory stays flat for any bucket size.
+
+    Each page is one request, retried on its own (its continuation token
+    names it), so a fault on page 900 costs one page, not the listing.
+    """
     bucket, _, prefix = root.partition("/")
     if prefix and not prefix.endswith("/"):
         prefix += "/"
     kwargs: dict = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": S3_PAGE_SIZE}
     while True:
-        page = fs.call_s3("list_objects_v2", **kwargs)
+        page = storage.retrying(lambda: fs.call_s3("list_objects_v2", **kwargs), f"list {full_uri(fs, root)}")
         for obj in page.get("Contents", []):
             if obj["Key"].endswith("/"):
                 continue
@@ -207,12 +220,16 @@ def _iter_uri_list(fs: AbstractFileSystem, path: str) -> Iterator[FileRecord]:
     ext = os.path.splitext(path)[1].lower()
     where = full_uri(fs, path)
     if ext == ".parquet":
-        rows = _parquet_rows(fs, path, where)
+        def read() -> Iterator[dict]:
+            return _parquet_rows(fs, path, where)
     elif ext in (".csv", ".tsv"):
-        rows = _csv_rows(fs, path, where, delimiter="\t" if ext == ".tsv" else ",")
+        def read() -> Iterator[dict]:
+            return _csv_rows(fs, path, where, delimiter="\t" if ext == ".tsv" else ",")
     else:
-        rows = ({"uri": line} for line in _text_lines(fs, path))
-    for row in rows:
+        def read() -> Iterator[dict]:
+            return ({"uri": line} for line in _text_lines(fs, path))
+    # streamed, not read whole (an inventory can be large): after a failure, read again and skip what was yielded
+    for row in storage.retry_stream(read, f"read {where}"):
         uri = _resolve(str(row["uri"]).strip(), base)
         yield FileRecord(
             uri=uri,

@@ -29,6 +29,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--probs", default="all", help="probabilities kept: all, top-k:N or min:P (default: all)")
     p.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16 (auto: fp32 on CPU)")
     p.add_argument("--no-draft", action="store_true", help="decode JPEGs at full size (slower, no draft mode)")
+    p.add_argument("--retry-errors", action="store_true",
+                   help="tag again the images whose rows are decode, empty or too_large errors (read errors are "
+                        "always tagged again)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model: faster steady state after a compile of 20-70 s (cached "
                         "across runs by torch); worth it for long runs, see bench/RESULTS.md")
@@ -55,7 +58,7 @@ def _tag_options(args: argparse.Namespace) -> Any:
     return TagOptions(batch_size=args.batch_size, device=args.device, workers=args.workers,
                       shard_size=args.shard_size, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
                       probs=args.probs, precision=args.precision, draft=not args.no_draft,
-                      gpu_decode=args.gpu_decode, compile=args.compile).validate()
+                      gpu_decode=args.gpu_decode, compile=args.compile, retry_errors=args.retry_errors).validate()
 
 
 def cmd_tag(args: argparse.Namespace) -> int:
@@ -138,6 +141,6 @@ def _call_flow(tag_images: Any, args: argparse.Namespace, options: Any) -> dict[
                       device=options.device, shard_size=options.shard_size, workers=options.workers,
                       max_pixels=options.max_pixels, probs=options.probs, precision=options.precision,
                       draft=options.draft, gpu_decode=options.gpu_decode, compile=options.compile,
-                      storage_options=args.storage_options,
+                      retry_errors=options.retry_errors, storage_options=args.storage_options,
                       fan_out=args.fan_out, shard_deployment=args.shard_deployment,
                       shards_per_run=args.shards_per_run)

@@ -20,6 +20,8 @@ from mlcls.images.decode import DEFAULT_MAX_PIXELS, Decoded, plain_jpeg_size, pr
 from mlcls.images.preprocess import Preprocess
 from mlcls.storage import describe_os_error, read_many
 
+READ_KIND = "read"  # the error kind of a file storage would not give us (after the retries): tagged next run
+
 
 @dataclass(frozen=True)
 class LoadConfig:
@@ -52,9 +54,10 @@ def new_ring(images: int, size: int) -> tuple[int, np.ndarray]:
 
 
 def read_error(err: BaseException) -> Decoded:
+    """The error row of a file that could not be read after the retries (`storage.read_many`)."""
     if isinstance(err, FileNotFoundError):
-        return Decoded(pixels=None, error="read: file not found (deleted after listing?)")
-    return Decoded(pixels=None, error=f"read: {describe_os_error(err)}")
+        return Decoded(pixels=None, error=f"{READ_KIND}: file not found (deleted after listing?)")
+    return Decoded(pixels=None, error=f"{READ_KIND}: {describe_os_error(err)}")
 
 
 def decode_one(data: bytes, cfg: LoadConfig, key: str = "") -> Decoded:
@@ -70,13 +73,16 @@ def decode_one(data: bytes, cfg: LoadConfig, key: str = "") -> Decoded:
     return prepare(data, cfg.preprocess, max_pixels=cfg.max_pixels, draft=cfg.draft)
 
 
-def load_chunk(uris: Sequence[str], cfg: LoadConfig, ring: int | None = None, first_slot: int = 0) -> list[Decoded]:
+def load_chunk(uris: Sequence[str], cfg: LoadConfig, ring: int | None = None, first_slot: int = 0,
+               sizes: Sequence[int | None] | None = None) -> list[Decoded]:
     """Read then decode a few files: the unit of work of a decode process.
 
-    With `ring`, file k's pixels go to slot `first_slot + k` of that ring.
+    `sizes` are the listed sizes, if known: a body shorter than that is read
+    again, never decoded as a truncated image. With `ring`, file k's pixels
+    go to slot `first_slot + k` of that ring.
     """
     results = []
-    for k, (uri, item) in enumerate(zip(uris, read_many(uris, cfg.storage_options), strict=True)):
+    for k, (uri, item) in enumerate(zip(uris, read_many(uris, cfg.storage_options, sizes), strict=True)):
         d = read_error(item) if isinstance(item, BaseException) else decode_one(item, cfg, uri)
         if ring is not None and d.pixels is not None:
             slots = _RINGS[ring]

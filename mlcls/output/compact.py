@@ -36,9 +36,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mlcls.errors import OptionError, OutputError
-from mlcls.output.parts import INTERNAL_DIR, META_KEY, dictionary_columns
+from mlcls.output.parts import BAD_READ, INTERNAL_DIR, META_KEY, dictionary_columns
 from mlcls.output.reader import OutputTable
-from mlcls.storage import StorageOptions, describe_os_error, is_local, join, url_to_fs, write_atomic
+from mlcls.storage import (
+    StorageOptions,
+    describe_os_error,
+    full_uri,
+    is_local,
+    join,
+    list_dir,
+    put_file,
+    read_file,
+    remove,
+    retry_stream,
+    stat,
+    url_to_fs,
+    write_atomic,
+)
 
 JOURNAL_DIR = "compact"
 DEFAULT_TARGET_BYTES = 256 * 2**20
@@ -156,13 +170,12 @@ def _merged_name(parts: list[PartInfo], inputs: list[int], drop: dict[int, np.nd
 def part_infos(dataset: OutputTable) -> list[PartInfo]:
     """Footer and file info of every part (concurrently: one or two small requests each)."""
     def info(path: str) -> PartInfo:
-        stat = dataset.fs.info(path)
-        with dataset.open_part(path) as f:
-            pf = pq.ParquetFile(f)
-            meta = (pf.schema_arrow.metadata or {}).get(META_KEY, b"")
-            rows = pf.metadata.num_rows
-        identity = str(stat.get("ETag") or stat.get("etag") or (stat.get("size"), stat.get("mtime")))
-        return PartInfo(path=path, rows=rows, size=int(stat.get("size") or 0), meta=meta, identity=identity)
+        found = stat(dataset.fs, path)
+        if found is None:
+            raise OutputError(f"{full_uri(dataset.fs, path)} was removed while compact ran; run compact again")
+        meta, rows = dataset.read_part(path, lambda pf: ((pf.schema_arrow.metadata or {}).get(META_KEY, b""),
+                                                         pf.metadata.num_rows))
+        return PartInfo(path=path, rows=rows, size=int(found.get("size") or 0), meta=meta, identity=_identity(found))
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         return list(pool.map(info, dataset.parts))
@@ -185,7 +198,7 @@ def compact_steps(dataset: OutputTable, plan: CompactionPlan) -> Iterator[str]:
     yield "committed"
     for part in plan.inputs:
         yield _delete_if_unchanged(fs, part.path, part.identity)
-    fs.rm(journal)
+    remove(fs, journal)
     yield "done"
 
 
@@ -204,7 +217,7 @@ def write_merged(dataset: OutputTable, plan: CompactionPlan, merge: Merge, path:
         if folder is not None:
             os.replace(tmp, path)
         else:
-            dataset.fs.put_file(tmp, path)
+            put_file(dataset.fs, tmp, path)
     except OSError as err:
         raise OutputError(f"cannot write merged part {path}: {describe_os_error(err)}") from err
     finally:
@@ -218,9 +231,11 @@ def _merged_tables(dataset: OutputTable, plan: CompactionPlan, merge: Merge, sch
     pending_rows = 0
     for i in merge.inputs:
         drop = plan.drop.get(i, np.empty(0, np.int64))
-        with dataset.open_part(plan.parts[i].path) as f:
-            start = 0
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=ROW_GROUP_ROWS):
+        path = plan.parts[i].path
+        start = 0
+        try:
+            for batch in retry_stream(lambda p=path: _part_batches(dataset, p), f"read {full_uri(dataset.fs, path)}",
+                                      also=BAD_READ):
                 keep = np.ones(batch.num_rows, dtype=bool)
                 inside = drop[(drop >= start) & (drop < start + batch.num_rows)]
                 keep[inside - start] = False
@@ -231,25 +246,33 @@ def _merged_tables(dataset: OutputTable, plan: CompactionPlan, merge: Merge, sch
                 if pending_rows >= ROW_GROUP_ROWS:
                     yield pa.concat_tables(pending)
                     pending, pending_rows = [], 0
+        except (OSError, pa.ArrowException) as err:
+            raise OutputError(f"cannot read {full_uri(dataset.fs, path)}: {describe_os_error(err)}") from err
     if pending_rows:
         yield pa.concat_tables(pending)
 
 
-def _schema_of(dataset: OutputTable, path: str) -> pa.Schema:
+def _part_batches(dataset: OutputTable, path: str) -> Iterator[pa.RecordBatch]:
     with dataset.open_part(path) as f:
-        return pq.ParquetFile(f).schema_arrow
+        yield from pq.ParquetFile(f).iter_batches(batch_size=ROW_GROUP_ROWS)
+
+
+def _schema_of(dataset: OutputTable, path: str) -> pa.Schema:
+    return dataset.read_part(path, lambda pf: pf.schema_arrow)
+
+
+def _identity(info: dict) -> str:
+    return str(info.get("ETag") or info.get("etag") or (info.get("size"), info.get("mtime")))
 
 
 def _delete_if_unchanged(fs, path: str, identity: str) -> str:
     """Delete a merged input, unless it was rewritten since the plan (a retried shard): that one stays."""
-    try:
-        stat = fs.info(path)
-    except FileNotFoundError:
+    found = stat(fs, path)
+    if found is None:
         return f"gone {os.path.basename(path)}"
-    now = str(stat.get("ETag") or stat.get("etag") or (stat.get("size"), stat.get("mtime")))
-    if now != identity:
+    if _identity(found) != identity:
         return f"kept {os.path.basename(path)}"
-    fs.rm(path)
+    remove(fs, path)
     return f"deleted {os.path.basename(path)}"
 
 
@@ -258,20 +281,22 @@ def recover(out: str, storage_options: StorageOptions = None) -> list[str]:
     try:
         fs, base = url_to_fs(out, storage_options)
         folder = join(base, INTERNAL_DIR, JOURNAL_DIR)
-        journals = sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".json")) if fs.exists(folder) else []
+        journals = sorted(p for p in list_dir(fs, folder) if p.endswith(".json"))
+        return [_recover_one(fs, base, journal) for journal in journals]
     except OSError as err:
         raise OutputError(f"cannot read output {out}: {describe_os_error(err)}") from err
-    messages = []
-    for journal in journals:
-        record = json.loads(fs.cat_file(journal))
-        if record["state"] == "committed":
-            for name, identity in record["inputs"].items():
-                _delete_if_unchanged(fs, join(base, name), identity)
-            messages.append(f"finished interrupted compaction {record['id']}: removed the parts it had merged")
-        else:
-            for name in record["outputs"]:
-                if fs.exists(join(base, name)):
-                    fs.rm(join(base, name))
-            messages.append(f"rolled back interrupted compaction {record['id']}: removed its partial merged parts")
-        fs.rm(journal)
-    return messages
+
+
+def _recover_one(fs, base: str, journal: str) -> str:
+    """Finish one journal's compaction (the journal is checked as JSON when read), then drop the journal."""
+    record = read_file(fs, journal, json.loads)
+    if record["state"] == "committed":
+        for name, identity in record["inputs"].items():
+            _delete_if_unchanged(fs, join(base, name), identity)
+        message = f"finished interrupted compaction {record['id']}: removed the parts it had merged"
+    else:
+        for name in record["outputs"]:
+            remove(fs, join(base, name))
+        message = f"rolled back interrupted compaction {record['id']}: removed its partial merged parts"
+    remove(fs, journal)
+    return message

@@ -23,14 +23,29 @@ from datetime import datetime
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mlcls.errors import OptionError, OutputError
 from mlcls.images.decode import Decoded
+from mlcls.images.load import READ_KIND
 from mlcls.sources import FileRecord
-from mlcls.storage import StorageOptions, describe_os_error, full_uri, join, url_to_fs, write_atomic
+from mlcls.storage import (
+    StorageOptions,
+    describe_os_error,
+    full_uri,
+    join,
+    list_files,
+    probe,
+    remove,
+    retrying,
+    stat,
+    url_to_fs,
+    write_atomic,
+)
 
 SCHEMA_VERSION = 1
+BAD_READ = (pa.ArrowInvalid, pa.ArrowIOError)  # a part that fails to parse on one read is read again
 META_KEY = b"mlcls"
 INTERNAL_DIR = "_mlcls"
 TIMESTAMP = pa.timestamp("us", tz="UTC")
@@ -185,11 +200,9 @@ def write_part(out: str, shard_id: str, table: pa.Table, storage_options: Storag
 
 
 def list_parts(out: str, storage_options: StorageOptions = None) -> list[str]:
-    """Paths of the dataset's Parquet files (hidden and `_`-prefixed entries are not data)."""
+    """Paths of the dataset's Parquet files as stored now (hidden and `_`-prefixed entries are not data)."""
     fs, base = url_to_fs(out, storage_options)
-    if not fs.exists(base):
-        return []
-    paths = fs.find(base)
+    paths = list_files(fs, base)
     data = []
     for p in paths:
         rel = p[len(base):].lstrip("/")
@@ -198,19 +211,41 @@ def list_parts(out: str, storage_options: StorageOptions = None) -> list[str]:
     return sorted(data)
 
 
-def read_identities(out: str, model_id: str, storage_options: StorageOptions = None) -> pa.Table:
-    """`uri`, `etag`, `mtime` of every row `model_id` already wrote, read column-wise in batches."""
+def read_identities(out: str, model_id: str, storage_options: StorageOptions = None, *,
+                    retry_errors: bool = False) -> pa.Table:
+    """`uri`, `etag`, `mtime` of every row `model_id` already wrote that counts as done, read column-wise.
+
+    A `read` error row is not done: the file was never seen (storage failed
+    after the retries), so the next run tries it again. Other error rows
+    (`decode`, `empty`, `too_large`) are the file's own: done, unless
+    `retry_errors`.
+    """
     import pyarrow.dataset as ds
 
-    parts = list_parts(out, storage_options)
     empty = pa.table({"uri": pa.array([], pa.string()), "etag": pa.array([], pa.string()),
                       "mtime": pa.array([], TIMESTAMP)})
+    parts = list_parts(out, storage_options)
     if not parts:
         return empty
     fs, _ = url_to_fs(out, storage_options)
-    dataset = ds.dataset(parts, format="parquet", filesystem=fs)
-    table = dataset.to_table(columns=["uri", "etag", "mtime"], filter=ds.field("model") == model_id)
+    error = ds.field("error")
+    keep = error.is_null() if retry_errors else error.is_null() | ~pc.starts_with(error, pattern=f"{READ_KIND}:")
+    condition = (ds.field("model") == model_id) & keep
+    table = read_dataset(fs, parts, ["uri", "etag", "mtime"], condition, f"read the output {out}")
     return table if table.num_rows else empty
+
+
+def read_dataset(fs, parts: list[str], columns: list[str], condition, what: str) -> pa.Table:
+    """Columns of the part files as one table, filtered; read again whole after a transient error or bad file."""
+    import pyarrow.dataset as ds
+
+    def read() -> pa.Table:
+        return ds.dataset(parts, format="parquet", filesystem=fs).to_table(columns=columns, filter=condition)
+
+    try:
+        return retrying(read, what, also=BAD_READ)
+    except (OSError, pa.ArrowException) as err:
+        raise OutputError(f"cannot {what}: {describe_os_error(err)}") from err
 
 
 def read_errors(out: str, run_id: str, limit: int = 1000,
@@ -226,10 +261,8 @@ def read_errors(out: str, run_id: str, limit: int = 1000,
     if not parts:
         return [], 0
     fs, _ = url_to_fs(out, storage_options)
-    dataset = ds.dataset(parts, format="parquet", filesystem=fs)
-    table = dataset.to_table(columns=["uri", "error"],
-                             filter=(ds.field("run_id") == run_id) & ds.field("error").is_valid())
-    table = table.sort_by("uri")
+    condition = (ds.field("run_id") == run_id) & ds.field("error").is_valid()
+    table = read_dataset(fs, parts, ["uri", "error"], condition, f"read the errors of {out}").sort_by("uri")
     rows = list(zip(table["uri"].to_pylist()[:limit], table["error"].to_pylist()[:limit], strict=True))
     return rows, table.num_rows
 
@@ -237,25 +270,38 @@ def read_errors(out: str, run_id: str, limit: int = 1000,
 def check_output(out: str, classes: Sequence[str], mode: ProbsMode, storage_options: StorageOptions = None) -> None:
     """Fail before any work if `out` cannot be written or holds tags of other classes."""
     try:
+        probe(out, storage_options)
         fs, base = url_to_fs(out, storage_options)
-        if fs.exists(base) and fs.isfile(base):
+        info = stat(fs, base)
+        if info is not None and info.get("type") == "file":
             raise OutputError(f"output {out} is a file; give a folder or prefix")
-        probe = join(base, INTERNAL_DIR, ".write-probe")
-        write_atomic(fs, probe, b"")
-        fs.rm(probe)
+        path = join(base, INTERNAL_DIR, ".write-probe")
+        write_atomic(fs, path, b"")
+        remove(fs, path)
+        parts = list_parts(out, storage_options)
     except OutputError:
         raise
     except (OSError, ValueError, ImportError) as err:
         raise OutputError(f"cannot write to output {out}: {describe_os_error(err)}") from err
-    parts = list_parts(out, storage_options)
     if parts:
         _check_compatible(fs, parts[0], out, classes, mode)
 
 
+def read_footer_meta(fs, part: str) -> dict:
+    """The `mlcls` metadata of a part's footer ({} if none); the footer is read again after a bad read."""
+    def read() -> dict[bytes, bytes]:
+        with fs.open(part, "rb") as f:
+            return pq.read_schema(f).metadata or {}
+
+    try:
+        meta = retrying(read, f"read {full_uri(fs, part)}", also=BAD_READ)
+    except (OSError, pa.ArrowException) as err:
+        raise OutputError(f"cannot read {full_uri(fs, part)}: {describe_os_error(err)}") from err
+    return json.loads(meta[META_KEY]) if META_KEY in meta else {}
+
+
 def _check_compatible(fs, part: str, out: str, classes: Sequence[str], mode: ProbsMode) -> None:
-    with fs.open(part, "rb") as f:
-        meta = pq.read_schema(f).metadata or {}
-    existing = json.loads(meta.get(META_KEY, b"{}"))
+    existing = read_footer_meta(fs, part)
     if existing.get("classes") not in (None, list(classes)):
         raise OutputError(f"output {out} holds tags for other classes ({len(existing['classes'])} classes, "
                           f"e.g. {', '.join(existing['classes'][:3])}); write this model's tags to another --out")

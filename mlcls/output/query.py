@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import polars as pl
 import pyarrow as pa
 
-from mlcls.errors import OptionError
+from mlcls.errors import OptionError, OutputError
 from mlcls.output.reader import OutputTable, prob_expr, prob_name
-from mlcls.storage import is_local
+from mlcls.storage import is_local, retrying
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,29 @@ def superseded_by_file(dataset: OutputTable) -> pa.Table:
 
 
 def sql(dataset: OutputTable, statement: str, *, limit: int | None = None) -> pa.Table:
-    """Run `statement` over the views; a DuckDB error becomes one-line `OptionError`."""
+    """Run `statement` over the views; a DuckDB error becomes one-line `OptionError`.
+
+    DuckDB reads the parts through our filesystem (and its retries); an I/O
+    error that still reaches DuckDB runs the statement again, up to the
+    storage policy's attempts: the views only read.
+    """
+    import duckdb
+
+    try:
+        return retrying(lambda: _run_sql(dataset, statement, limit), f"--sql over {dataset.out}",
+                        also=(duckdb.IOException, _StorageFailed))
+    except _StorageFailed as err:
+        raise OutputError(f"--sql: cannot read {dataset.out}: {err}") from None
+    except duckdb.Error as err:
+        raise OptionError(f"--sql: {_first_line(str(err))}") from None
+
+
+class _StorageFailed(Exception):
+    """DuckDB stopped on a Python exception of our filesystem (it reports a traceback's text, nothing else):
+    a storage error, never the SQL's."""
+
+
+def _run_sql(dataset: OutputTable, statement: str, limit: int | None) -> pa.Table:
     import duckdb
 
     con = duckdb_connection(dataset)
@@ -130,7 +152,10 @@ def sql(dataset: OutputTable, statement: str, *, limit: int | None = None) -> pa
             rel = rel.limit(limit)
         return rel.to_arrow_table()
     except duckdb.Error as err:
-        raise OptionError(f"--sql: {_first_line(str(err))}") from None
+        text = str(err).strip()
+        if text.startswith("Traceback (most recent call last)"):
+            raise _StorageFailed(text.splitlines()[-1]) from err
+        raise
     finally:
         con.close()
 

@@ -24,7 +24,6 @@ Arrow batches, DuckDB and compact all skip.
 from __future__ import annotations
 
 import difflib
-import json
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -40,8 +39,18 @@ import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
 from mlcls.errors import OptionError, OutputError
-from mlcls.output.parts import META_KEY, list_parts
-from mlcls.storage import StorageOptions, describe_os_error, full_uri, is_local, url_to_fs
+from mlcls.output.parts import BAD_READ, list_parts, read_footer_meta
+from mlcls.storage import (
+    StorageOptions,
+    describe_os_error,
+    full_uri,
+    is_local,
+    probe,
+    retry_stream,
+    retrying,
+    stat,
+    url_to_fs,
+)
 
 NEWEST_FIRST = ("tagged_at", "run_id", "model", "_row")
 
@@ -62,10 +71,12 @@ class OutputTable:
     def open(cls, out: str, storage_options: StorageOptions = None) -> OutputTable:
         """Open `out`, or raise `OutputError` naming what is missing."""
         try:
+            probe(out, storage_options)
             fs, base = url_to_fs(out, storage_options)
-            if not fs.exists(base):
+            info = stat(fs, base)
+            if info is None:
                 raise OutputError(f"output not found: {out}")
-            if fs.isfile(base):
+            if info.get("type") == "file":
                 raise OutputError(f"output {out} is a file; give the folder or prefix that mlcls tag wrote")
             parts = list_parts(out, storage_options)
         except (OSError, ValueError, ImportError) as err:
@@ -111,8 +122,7 @@ class OutputTable:
         """Rows per part, from the footers (read concurrently: one small request each on an object store)."""
         if self._row_counts is None:
             def count(path: str) -> int:
-                with self.open_part(path) as f:
-                    return pq.ParquetFile(f).metadata.num_rows
+                return self.read_part(path, lambda pf: pf.metadata.num_rows)
 
             with ThreadPoolExecutor(max_workers=16) as pool:
                 self._row_counts = list(pool.map(count, self.parts))
@@ -150,8 +160,7 @@ class OutputTable:
 
     def polars_schema(self) -> dict[str, pl.DataType]:
         """The columns of `scan()`: the files' columns, then `p_<class>` for every class."""
-        with self.open_part(self.parts[0]) as f:
-            arrow = pq.ParquetFile(f).schema_arrow
+        arrow = self.read_part(self.parts[0], lambda pf: pf.schema_arrow)
         schema = dict(pl.from_arrow(arrow.empty_table()).schema)
         return schema | {prob_name(c): pl.Float32() for c in self.classes}
 
@@ -195,20 +204,34 @@ class OutputTable:
     def _batches(self, columns: list[str], all_rows: bool, batch_rows: int):
         drop = np.empty(0, np.int64) if all_rows else self.superseded()
         offset = 0
-        for path in self.parts:
+        for path, n in zip(self.parts, self.row_counts(), strict=True):
+            lo, hi = np.searchsorted(drop, [offset, offset + n])
+            local = drop[lo:hi] - offset
+            start = 0
             try:
-                with self.open_part(path) as f:
-                    pf = pq.ParquetFile(f)
-                    n = pf.metadata.num_rows
-                    lo, hi = np.searchsorted(drop, [offset, offset + n])
-                    local = drop[lo:hi] - offset
-                    start = 0
-                    for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
-                        yield batch, _live_mask(batch.num_rows, local, start)
-                        start += batch.num_rows
+                # a fault mid-part: open the part again and skip the batches already handed on
+                for batch in retry_stream(lambda p=path: self._part_batches(p, columns, batch_rows),
+                                          f"read {full_uri(self.fs, path)}", also=BAD_READ):
+                    yield batch, _live_mask(batch.num_rows, local, start)
+                    start += batch.num_rows
             except (OSError, pa.ArrowException) as err:
                 raise OutputError(f"cannot read {full_uri(self.fs, path)}: {describe_os_error(err)}") from err
             offset += n
+
+    def _part_batches(self, path: str, columns: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
+        with self.open_part(path) as f:
+            yield from pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=columns)
+
+    def read_part(self, path: str, read: Any) -> Any:
+        """`read(ParquetFile)` of one part (its footer, mostly), done again after a transient error or bad read."""
+        def attempt() -> Any:
+            with self.open_part(path) as f:
+                return read(pq.ParquetFile(f))
+
+        try:
+            return retrying(attempt, f"read {full_uri(self.fs, path)}", also=BAD_READ)
+        except (OSError, pa.ArrowException) as err:
+            raise OutputError(f"cannot read {full_uri(self.fs, path)}: {describe_os_error(err)}") from err
 
     @contextmanager
     def open_part(self, path: str) -> Iterator[str | IO[bytes]]:
@@ -317,14 +340,10 @@ def _positions_in(values: np.ndarray, sorted_set: np.ndarray, chunk: int = 1 << 
 
 
 def _read_meta(fs: AbstractFileSystem, part: str, out: str) -> dict[str, Any]:
-    try:
-        with fs.open(part, "rb") as f:
-            meta = pq.read_schema(f).metadata or {}
-    except (OSError, ValueError, pa.ArrowException) as err:
-        raise OutputError(f"cannot read {full_uri(fs, part)}: {describe_os_error(err)}") from err
-    if META_KEY not in meta:
+    meta = read_footer_meta(fs, part)
+    if not meta:
         raise OutputError(f"{full_uri(fs, part)} in {out} was not written by mlcls (no mlcls metadata)")
-    return json.loads(meta[META_KEY])
+    return meta
 
 
 def prob_name(label: str) -> str:

@@ -22,7 +22,7 @@ from PIL import Image, ImageOps
 from mlcls.errors import OutputError
 from mlcls.output.reader import OutputTable
 from mlcls.output.report_data import ReportData, gather
-from mlcls.storage import StorageOptions, describe_os_error, join, url_to_fs, write_atomic
+from mlcls.storage import StorageOptions, describe_os_error, join, read_one, url_to_fs, write_atomic
 
 THUMB_PX = 160
 
@@ -52,8 +52,7 @@ def make_thumbnails(uris: Iterable[str], out_dir: str, storage_options: StorageO
     def one(uri: str) -> tuple[str, str | None]:
         name = f"thumbs/{hashlib.sha1(uri.encode()).hexdigest()[:16]}.jpg"
         try:
-            src_fs, path = url_to_fs(uri, storage_options)
-            data = src_fs.cat_file(path)
+            data = read_one(uri, storage_options)
             write_atomic(fs, join(base, name), _thumbnail(data))
         except Exception:  # noqa: BLE001 - any failure (I/O, decode, a store's client) only loses this picture
             return uri, None

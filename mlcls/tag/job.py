@@ -28,7 +28,7 @@ from mlcls.errors import OptionError
 from mlcls.images.decode import DEFAULT_MAX_PIXELS
 from mlcls.images.gpu import GpuJpegDecoder
 from mlcls.output.parts import ProbsMode, build_table, check_output, file_metadata, write_part
-from mlcls.storage import StorageOptions, join, url_to_fs, write_atomic
+from mlcls.storage import StorageOptions, join, list_dir, read_file, url_to_fs, write_atomic
 from mlcls.tag.engine import PRECISIONS, Engine, get_engine
 from mlcls.tag.loader import Loader, default_decode_workers
 from mlcls.tag.plan import RunPlan, Shard, plan_shards, read_shard, remove_manifests, run_dir
@@ -51,6 +51,7 @@ class TagOptions:
     precision: str = "auto"
     compile: bool = False
     gpu_decode: float = 1.0
+    retry_errors: bool = False  # tag again files with decode/empty/too_large error rows (`read` rows always are)
 
     def validate(self) -> TagOptions:
         """Raise `OptionError` for a value that cannot work; return self."""
@@ -66,6 +67,8 @@ class TagOptions:
             raise OptionError(f"--gpu-decode must be a share between 0 and 1, not {self.gpu_decode!r}")
         if self.precision not in PRECISIONS:
             raise OptionError(f"--precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if not isinstance(self.retry_errors, bool):
+            raise OptionError(f"--retry-errors is on or off, not {self.retry_errors!r}")
         ProbsMode.parse(self.probs)
         return self
 
@@ -142,9 +145,9 @@ _CACHE_LOCK = threading.Lock()
 def get_bundle(model: str | None, storage_options: StorageOptions = None) -> Bundle:
     """Load a bundle once per process; reloaded if its files change (size, mtime or etag)."""
     url = resolve_model(model)
-    fs, base = url_to_fs(url, storage_options)
     try:
-        infos = tuple(sorted((k, str(v)) for p in fs.ls(base, detail=True)
+        fs, base = url_to_fs(url, storage_options)
+        infos = tuple(sorted((k, str(v)) for p in list_dir(fs, base, detail=True)  # as stored now, not cached
                              for k, v in p.items() if k in ("name", "size", "mtime", "ETag", "LastModified")))
     except (OSError, ValueError):
         infos = ()
@@ -198,7 +201,7 @@ def plan_run(source: str | Sequence[str], out: str, bundle: Bundle, options: Tag
              storage_options: StorageOptions = None, limit: int | None = None) -> RunPlan:
     """List and subtract; emits `planned` with the number of images to tag."""
     plan = plan_shards(source, out, bundle.model_id, shard_size=options.shard_size, run_id=run_id,
-                       storage_options=storage_options, limit=limit)
+                       storage_options=storage_options, limit=limit, retry_errors=options.retry_errors)
     progress.emit(progress.Event("planned", total=plan.new))
     return plan
 
@@ -256,12 +259,12 @@ def save_shard_result(out: str, run_id: str, result: ShardResult, storage_option
 
 def load_shard_results(out: str, run_id: str, shard_ids: Sequence[str],
                        storage_options: StorageOptions = None) -> dict[str, ShardResult]:
-    """The recorded results of these shards (missing ones are left out)."""
+    """The recorded results of these shards (missing ones are left out); each checked as JSON when read."""
     fs, base = url_to_fs(run_dir(out, run_id), storage_options)
     found = {}
     for sid in shard_ids:
         try:
-            d = json.loads(fs.cat_file(join(base, "results", f"{sid}.json")))
+            d = read_file(fs, join(base, "results", f"{sid}.json"), json.loads)
         except FileNotFoundError:
             continue
         d["error_sample"] = [tuple(e) for e in d.get("error_sample", [])]

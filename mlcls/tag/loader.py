@@ -93,7 +93,7 @@ class Loader:
     def load(self, record: FileRecord) -> Decoded:
         """Read then decode one file in this process; any failure becomes its error."""
         try:
-            data = read_one(record.uri, self.config.storage_options)
+            data = read_one(record.uri, self.config.storage_options, record.size)
         except Exception as err:  # noqa: BLE001 - any filesystem error is this file's error
             return read_error(err)
         with self._decode_slots:
@@ -112,7 +112,7 @@ class Loader:
             chunk = max(1, min(16, window // (4 * self.decode_workers) or 1))
             starts = itertools.count(0, chunk)
             tasks = ((batch, self._pool.submit(load_chunk, [r.uri for r in batch], self.config, self._ring_id,
-                                               next(starts) % len(self._ring)))
+                                               next(starts) % len(self._ring), [r.size for r in batch]))
                      for batch in _chunked(records, chunk))
             for batch, decoded in _in_order(tasks, max(1, window // chunk)):
                 for d in decoded:

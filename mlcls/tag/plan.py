@@ -1,9 +1,12 @@
 """Plan a run: subtract what the output already holds, cut the rest into shards.
 
 A file is done when the output has a row with the same URI, the same
-identity (etag where the store gives one, else mtime) and the same model.
-The listing streams through in chunks; only a compact set of 64-bit keys of
-the done rows is held in memory, and each shard's file list is written as a
+identity (etag where the store gives one, else mtime) and the same model,
+unless that row is a `read` error (storage failed us, not the file: tagged
+again on the next run without being asked) or, with `retry_errors`, any
+error row. A URI listed twice (a URI list may repeat one) is planned once.
+The listing streams through in chunks; only compact sets of 64-bit keys (of
+the done rows, and of the URIs listed so far) are held in memory, and each shard's file list is written as a
 small Arrow file under `<out>/_mlcls/runs/<run id>/shards/`, so a task (or a
 worker on another machine) receives a shard id and a URL, never a list of rows.
 
@@ -21,9 +24,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mlcls.errors import OutputError
 from mlcls.output.parts import INTERNAL_DIR, TIMESTAMP, read_identities
 from mlcls.sources import FileRecord, ListingStats, iter_source
-from mlcls.storage import StorageOptions, full_uri, join, url_to_fs, write_atomic
+from mlcls.storage import (
+    StorageOptions,
+    describe_os_error,
+    full_uri,
+    join,
+    read_file,
+    remove,
+    url_to_fs,
+    write_atomic,
+)
 
 MANIFEST_SCHEMA = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("etag", pa.string()),
                              ("mtime", TIMESTAMP)])
@@ -47,11 +60,52 @@ class RunPlan:
     listed: int = 0
     done: int = 0
     skipped: int = 0
+    duplicates: int = 0
     shards: list[Shard] = field(default_factory=list)
 
     @property
     def new(self) -> int:
         return sum(s.count for s in self.shards)
+
+
+def _key(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+def uri_keys(table: pa.Table) -> np.ndarray:
+    """64-bit keys of the URIs alone: one row per URI, whatever identities a list gives it."""
+    return np.fromiter((_key(u) for u in table.column("uri").to_pylist()), dtype=np.uint64, count=table.num_rows)
+
+
+class SeenKeys:
+    """The keys met so far, in a few sorted arrays (8 bytes a key): the first of each key passes.
+
+    New keys collect in a small array that is merged into the big one when
+    it reaches an eighth of it, so each check is two binary searches and the
+    merges cost O(n log n) over the whole listing.
+    """
+
+    def __init__(self) -> None:
+        self.big = np.empty(0, np.uint64)
+        self.small = np.empty(0, np.uint64)
+
+    def first(self, keys: np.ndarray) -> np.ndarray:
+        """A mask of the keys not met before (and the first of repeats within `keys`); remembers them."""
+        _, index = np.unique(keys, return_index=True)
+        mask = np.zeros(len(keys), dtype=bool)
+        mask[index] = True
+        mask &= ~(_contains(self.big, keys) | _contains(self.small, keys))
+        self.small = np.union1d(self.small, keys[mask])
+        if len(self.small) * 8 > max(len(self.big), 1 << 16):
+            self.big, self.small = np.union1d(self.big, self.small), np.empty(0, np.uint64)
+        return mask
+
+
+def _contains(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    if not len(sorted_keys):
+        return np.zeros(len(keys), dtype=bool)
+    at = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    return sorted_keys[at] == keys
 
 
 def identity_keys(table: pa.Table) -> np.ndarray:
@@ -66,7 +120,7 @@ def identity_keys(table: pa.Table) -> np.ndarray:
     keys = np.empty(len(uris), dtype=np.uint64)
     for i, (uri, etag, mtime) in enumerate(zip(uris, etags, mtimes, strict=True)):
         ident = etag if etag is not None else ("" if mtime is None else str(mtime))
-        keys[i] = int.from_bytes(hashlib.blake2b(f"{uri}\0{ident}".encode(), digest_size=8).digest(), "little")
+        keys[i] = _key(f"{uri}\0{ident}")
     return keys
 
 
@@ -92,14 +146,19 @@ def run_dir(out: str, run_id: str) -> str:
 
 
 def plan_shards(source: str | Sequence[str], out: str, model_id: str, *, shard_size: int, run_id: str,
-                storage_options: StorageOptions = None, limit: int | None = None) -> RunPlan:
-    """List `source`, drop what `out` holds for `model_id`, write shard manifests; return the plan."""
-    done_keys = np.unique(identity_keys(read_identities(out, model_id, storage_options)))
+                storage_options: StorageOptions = None, limit: int | None = None,
+                retry_errors: bool = False) -> RunPlan:
+    """List `source`, drop repeats and what `out` holds for `model_id`, write shard manifests; return the plan."""
+    done = read_identities(out, model_id, storage_options, retry_errors=retry_errors)
+    done_keys = np.unique(identity_keys(done))
     plan = RunPlan(run_id=run_id)
     stats = ListingStats()
+    seen = SeenKeys()
     pending: list[pa.Table] = []
     pending_rows = 0
-    for chunk in _chunks(iter_source(source, storage_options, stats), _CHUNK, limit):
+    for listed in _chunks(iter_source(source, storage_options, stats), _CHUNK, limit):
+        chunk = listed.filter(pa.array(seen.first(uri_keys(listed))))
+        plan.duplicates += listed.num_rows - chunk.num_rows
         plan.listed += chunk.num_rows
         keys = identity_keys(chunk)
         new = chunk.filter(pa.array(~np.isin(keys, done_keys, assume_unique=False)))
@@ -142,10 +201,25 @@ def _write_shard(out: str, run_id: str, model_id: str, table: pa.Table, storage_
 
 
 def read_shard(shard: Shard, storage_options: StorageOptions = None) -> list[FileRecord]:
-    """The file records of a shard, from its manifest."""
+    """The file records of a shard, from its manifest: checked (size, Arrow footer, row count), never trusted.
+
+    A manifest read back short or empty (a throttled store's bad answer) is
+    read again; one that stays bad fails the shard with its reason, and the
+    shard's retries read it once more.
+    """
     fs, path = url_to_fs(shard.manifest, storage_options)
-    with fs.open(path, "rb") as f:
-        table = pa.ipc.open_file(pa.BufferReader(f.read())).read_all()
+
+    def parse(data: bytes) -> pa.Table:
+        table = pa.ipc.open_file(pa.BufferReader(data)).read_all()
+        if table.num_rows != shard.count:
+            raise ValueError(f"it lists {table.num_rows} files, the plan says {shard.count}")
+        return table
+
+    try:
+        table = read_file(fs, path, parse)
+    except OSError as err:
+        raise OutputError(f"cannot read the manifest of shard {shard.id} ({shard.manifest}): "
+                          f"{describe_os_error(err)}") from err
     cols = [table.column(c).to_pylist() for c in ("uri", "size", "etag", "mtime")]
     return [FileRecord(uri=u, size=s, etag=e, mtime=m) for u, s, e, m in zip(*cols, strict=True)]
 
@@ -153,6 +227,4 @@ def read_shard(shard: Shard, storage_options: StorageOptions = None) -> list[Fil
 def remove_manifests(out: str, run_id: str, storage_options: StorageOptions = None) -> None:
     """Delete a finished run's shard manifests (the summary stays)."""
     fs, base = url_to_fs(run_dir(out, run_id), storage_options)
-    target = join(base, "shards")
-    if fs.exists(target):
-        fs.rm(target, recursive=True)
+    remove(fs, join(base, "shards"), recursive=True)

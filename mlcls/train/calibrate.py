@@ -16,7 +16,7 @@ import numpy as np
 
 from mlcls.bundle import META_FILE, WEIGHTS_FILE, Bundle, bundle_from_meta, digest_of, load_bundle
 from mlcls.errors import BundleError
-from mlcls.storage import StorageOptions, describe_os_error, join, url_to_fs, write_atomic
+from mlcls.storage import StorageOptions, describe_os_error, join, read_file, url_to_fs, write_atomic
 from mlcls.train import metrics
 from mlcls.train.scoring import Scored
 
@@ -43,9 +43,9 @@ def write_thresholds(src: str, out: str | None, thresholds: np.ndarray, method: 
     out = out or src
     try:
         fs, base = url_to_fs(src, storage_options)
-        meta = json.loads(fs.cat_file(join(base, META_FILE)))
+        meta = json.loads(read_file(fs, join(base, META_FILE)))
         weights_name = meta.get("weights", WEIGHTS_FILE)
-        weights = fs.cat_file(join(base, weights_name))
+        weights = read_file(fs, join(base, weights_name))
     except (OSError, ValueError) as err:
         raise BundleError(f"cannot read bundle {src}: {describe_os_error(err)}") from err
     meta["thresholds"] = [float(t) for t in thresholds]

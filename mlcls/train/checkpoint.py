@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from mlcls.errors import OptionError
-from mlcls.storage import StorageOptions, describe_os_error, url_to_fs, write_atomic
+from mlcls.storage import StorageOptions, describe_os_error, read_file, url_to_fs, write_atomic
 
 
 def fingerprint(settings: dict[str, Any], classes: Sequence[str], n_train: int, n_val: int) -> str:
@@ -43,7 +43,7 @@ def load_checkpoint(url: str, key: str, storage_options: StorageOptions = None) 
     """A checkpoint of this very run (same data shape and settings), or a one-line error."""
     try:
         fs, path = url_to_fs(url, storage_options)
-        data = fs.cat_file(path)
+        data = read_file(fs, path)
     except FileNotFoundError:
         raise OptionError(f"no checkpoint at {url} to resume from; run without --resume to start afresh") from None
     except OSError as err:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mlcls.errors import LabelsError
-from mlcls.storage import StorageOptions, describe_os_error, url_to_fs
+from mlcls.storage import StorageOptions, describe_os_error, read_file, url_to_fs
 
 IMAGE_COLUMNS = ("image", "fname", "filename", "file", "path", "uri", "url", "name")
 LABEL_COLUMNS = ("labels", "tags", "label", "classes")
@@ -94,7 +94,7 @@ def _read_columns(path: str, storage_options: StorageOptions) -> dict[str, list]
 
     try:
         fs, p = url_to_fs(path, storage_options)
-        data = fs.cat_file(p)
+        data = read_file(fs, p)
     except FileNotFoundError:
         raise LabelsError(f"labels file not found: {path}") from None
     except (OSError, ValueError) as err:

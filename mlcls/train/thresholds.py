@@ -23,7 +23,7 @@ import numpy as np
 
 from mlcls.bundle import read_classes
 from mlcls.errors import BundleError, OptionError
-from mlcls.storage import StorageOptions, describe_os_error, url_to_fs
+from mlcls.storage import StorageOptions, describe_os_error, read_bytes, url_to_fs
 from mlcls.train.metrics import top_k_predictions
 
 
@@ -92,7 +92,7 @@ def read_threshold_file(path: str, classes: Sequence[str], storage_options: Stor
 def _read_json(path: str, storage_options: StorageOptions) -> dict[str, float]:
     try:
         fs, p = url_to_fs(path, storage_options)
-        value = json.loads(fs.cat_file(p))
+        value = json.loads(read_bytes(fs, p))
     except FileNotFoundError:
         raise OptionError(f"--thresholds file not found: {path}") from None
     except OSError as err:

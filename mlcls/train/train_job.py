@@ -20,7 +20,7 @@ import numpy as np
 from mlcls.bundle import Bundle, build_model, check_arch, check_classes, check_forward
 from mlcls.errors import BundleError, LabelsError, OptionError
 from mlcls.images.preprocess import Preprocess
-from mlcls.storage import StorageOptions, check_folder, join, url_to_fs
+from mlcls.storage import StorageOptions, check_folder, join, remove, stat, url_to_fs
 from mlcls.train.image_cache import check_memory, load_pixels, stored_preprocess
 from mlcls.train.labels import LabelsSpec, LabelTable, multi_hot, read_labels, split
 from mlcls.train.labels import check_class_positives as check_positives
@@ -144,22 +144,22 @@ def _classes(found: list[str], given: Sequence[str] | None, path: str) -> list[s
 def has_checkpoint(out: str, storage_options: StorageOptions = None) -> bool:
     """Whether an interrupted run left a checkpoint in the bundle folder `out`."""
     fs, path = url_to_fs(default_checkpoint(out), storage_options)
-    return fs.exists(path)
+    return stat(fs, path) is not None
 
 
 def _check_checkpoint(url: str, resume: bool, storage_options: StorageOptions) -> None:
     fs, path = url_to_fs(url, storage_options)
-    if resume and not fs.exists(path):
+    exists = stat(fs, path) is not None
+    if resume and not exists:
         raise OptionError(f"no checkpoint at {url} to resume from; run without --resume to start afresh")
-    if not resume and fs.exists(path):
+    if not resume and exists:
         logger.warning("starting afresh: the checkpoint %s of an earlier run will be overwritten "
                        "(--resume continues it)", url)
 
 
 def _remove(url: str, storage_options: StorageOptions) -> None:
     fs, path = url_to_fs(url, storage_options)
-    if fs.exists(path):
-        fs.rm_file(path)
+    remove(fs, path)
 
 
 def _default_name(out: str) -> str:
