@@ -2,10 +2,10 @@
 
 Without `PREFECT_API_URL`, Prefect starts a temporary API server (uvicorn in
 a subprocess) the first time a flow needs a client, and waits for it: about
-ten seconds on a small machine, before any work. The CLI has seconds of its
-own to spend first (importing torch, checking the source, loading the bundle,
-checking the output), so it starts that server in a thread at the beginning
-and waits for it only when the flow is about to run. Prefect keeps one server
+ten seconds on a small machine, before any work. The CLI has work of its
+own to do meanwhile (loading the bundle, checking the output), so it starts
+that server in a thread once the options and the source have passed their
+checks, and waits for it only when the flow is about to run. Prefect keeps one server
 per process (`SubprocessASGIServer` is a singleton keyed by port), so the
 flow's client finds this one already up.
 """
