@@ -29,7 +29,8 @@ from mlcls.images.decode import DEFAULT_MAX_PIXELS
 from mlcls.images.gpu import GpuJpegDecoder
 from mlcls.output.parts import ProbsMode, build_table, check_output, file_metadata, write_part
 from mlcls.storage import StorageOptions, join, list_dir, read_file, url_to_fs, write_atomic
-from mlcls.tag.engine import PRECISIONS, Engine, get_engine
+from mlcls.tag.compiling import parse_compile, should_compile
+from mlcls.tag.engine import PRECISIONS, Engine, Pending, get_engine, has_engine, resolve_device
 from mlcls.tag.loader import Loader, default_decode_workers
 from mlcls.tag.plan import RunPlan, Shard, plan_shards, read_shard, remove_manifests, run_dir
 
@@ -49,7 +50,7 @@ class TagOptions:
     draft: bool = True
     probs: str = "all"
     precision: str = "auto"
-    compile: bool = False
+    compile: str = "auto"  # auto, on or off (`mlcls.tag.compiling.should_compile`); booleans mean on/off
     gpu_decode: float = 1.0
     retry_errors: bool = False  # tag again files with decode/empty/too_large error rows (`read` rows always are)
 
@@ -67,6 +68,10 @@ class TagOptions:
             raise OptionError(f"--gpu-decode must be a share between 0 and 1, not {self.gpu_decode!r}")
         if self.precision not in PRECISIONS:
             raise OptionError(f"--precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        try:
+            object.__setattr__(self, "compile", parse_compile(self.compile))
+        except ValueError as err:
+            raise OptionError(str(err)) from None
         if not isinstance(self.retry_errors, bool):
             raise OptionError(f"--retry-errors is on or off, not {self.retry_errors!r}")
         ProbsMode.parse(self.probs)
@@ -182,10 +187,18 @@ def get_loader(bundle: Bundle, options: TagOptions, engine: Engine, *, remote: b
         return loader
 
 
-def engine_for(bundle: Bundle, options: TagOptions) -> Engine:
-    """The process-wide engine for these options (compiled engines pad every batch to one size)."""
-    return get_engine(bundle, options.device, precision=options.precision, compile=options.compile,
-                      batch_size=options.batch_size if options.compile else None)
+def engine_for(bundle: Bundle, options: TagOptions, images: int = 0) -> Engine:
+    """The process-wide engine for these options; `--compile auto` compiles when `images` make it pay.
+
+    A compiled engine this process already has is used whatever `images`
+    says: its compile is paid. Compiled engines pad every batch to one size.
+    """
+    device = resolve_device(options.device)
+    compiled = dict(precision=options.precision, compile=True, batch_size=options.batch_size)
+    if should_compile(options.compile, device.type, images) or (
+            options.compile == "auto" and has_engine(bundle, options.device, **compiled)):
+        return get_engine(bundle, options.device, **compiled)
+    return get_engine(bundle, options.device, precision=options.precision, compile=False, batch_size=None)
 
 
 def open_run(out: str, model: str | None, options: TagOptions,
@@ -211,21 +224,24 @@ def tag_shard(shard: Shard, *, model: str | None, out: str, options: TagOptions,
     """Tag one shard's files and write its part file; image failures become error rows."""
     started = time.perf_counter()
     bundle = get_bundle(model, storage_options)
-    engine = engine_for(bundle, options)
     records = read_shard(shard, storage_options)
+    engine = engine_for(bundle, options, images=len(records))
     remote = bool(records) and "://" in records[0].uri
     loader = get_loader(bundle, options, engine, remote=remote, storage_options=storage_options)
-    n_classes = len(bundle.classes)
-    probs = np.zeros((len(records), n_classes), dtype=np.float32)
-    decoded = []
+    probs = np.zeros((len(records), len(bundle.classes)), dtype=np.float32)
+    decoded: list = []
+    in_flight: list[tuple[list[int], Pending]] = []  # one batch on the device while the next is prepared
     for batch in loader.batches(records, options.batch_size):
         start = len(decoded)
         order, pixels = loader.device_pixels(batch, engine.device)
-        if order:
-            probs[[start + i for i in order]] = engine.probs(pixels)
+        in_flight.append(([start + i for i in order], engine.submit(pixels)))
+        if len(in_flight) > 1:
+            _collect(probs, *in_flight.pop(0))
         decoded.extend(batch.decoded)  # after device_pixels: a GPU decode failure is replaced by the CPU's result
         failed = len(batch.decoded) - len(order)
         progress.emit(progress.Event("images", count=len(batch.decoded), errors=failed, shard=shard.id))
+    for rows, pending in in_flight:
+        _collect(probs, rows, pending)
     mode = ProbsMode.parse(options.probs)
     meta = file_metadata(model_id=bundle.model_id, digest=bundle.digest, classes=bundle.classes,
                          thresholds=bundle.thresholds, mode=mode)
@@ -237,6 +253,11 @@ def tag_shard(shard: Shard, *, model: str | None, out: str, options: TagOptions,
     result.part, result.seconds = part, time.perf_counter() - started
     progress.emit(progress.Event("shard_done", count=len(records), errors=result.errors, shard=shard.id))
     return result
+
+
+def _collect(probs: np.ndarray, rows: list[int], pending: Pending) -> None:
+    if rows:
+        probs[rows] = pending.result()
 
 
 def _shard_result(shard: Shard, records, decoded, hits: np.ndarray, classes) -> ShardResult:
