@@ -136,9 +136,11 @@ def child_decode(a: argparse.Namespace) -> dict:
     bundle = load_bundle(a.bundle)
     device = resolve_device(a.device)
     records = list(iter_source(a.corpus))
+    if a.loader == "dataloader":
+        return dataloader_decode(a, bundle, records, device)
     decoder = GpuJpegDecoder(bundle.preprocess, device) if a.gpu_decode else None
     loader = Loader(bundle.preprocess, decode_workers=a.workers, io_workers=8, draft=a.draft, gpu_decoder=decoder,
-                    pin_memory=device.type == "cuda")
+                    pin_memory=device.type == "cuda", processes=True if a.processes else None)
     clock = FirstBatchClock()
     errors = 0
     for batch in loader.batches(records, a.batch_size):
@@ -147,6 +149,50 @@ def child_decode(a: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         errors += len(batch.records) - len(order)
         clock.tick(len(batch.records))
+    images, seconds = clock.rate()
+    return {"images": images, "seconds": seconds, "errors": errors}
+
+
+def dataloader_decode(a: argparse.Namespace, bundle, records: list, device) -> dict:
+    """The A/B of mlcls's decode pool: torch's DataLoader over the shard's records, same read and decode code.
+
+    An IterableDataset hands worker k every k-th batch of records (so batches
+    come back in order), each worker reads and decodes with
+    `mlcls.images.load.load_chunk` (retried reads, an error per bad image) and
+    collates uint8 pixels; persistent workers, pin_memory on CUDA.
+    """
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+    from mlcls.images.load import LoadConfig, load_chunk
+
+    cfg = LoadConfig(preprocess=bundle.preprocess, draft=a.draft)
+    size, bs = bundle.preprocess.size, a.batch_size
+
+    class ShardBatches(IterableDataset):
+        def __iter__(self):
+            info = get_worker_info()
+            n, k = (info.num_workers, info.id) if info else (1, 0)
+            for j, start in enumerate(range(0, len(records), bs)):
+                if j % n == k:
+                    chunk = records[start:start + bs]
+                    decoded = load_chunk([r.uri for r in chunk], cfg, None, 0, [r.size for r in chunk])
+                    ok = [i for i, d in enumerate(decoded) if d.pixels is not None]
+                    pixels = (np.stack([decoded[i].pixels for i in ok]) if ok
+                              else np.empty((0, size, size, 3), np.uint8))
+                    for d in decoded:
+                        d.pixels = None
+                    yield start, torch.from_numpy(pixels), decoded
+
+    loader = DataLoader(ShardBatches(), batch_size=None, num_workers=a.workers, persistent_workers=True,
+                        pin_memory=device.type == "cuda", prefetch_factor=2)
+    clock = FirstBatchClock()
+    errors = 0
+    for _, pixels, decoded in loader:
+        pixels.to(device, non_blocking=True)
+        errors += len(decoded) - pixels.shape[0]
+        clock.tick(len(decoded))
     images, seconds = clock.rate()
     return {"images": images, "seconds": seconds, "errors": errors}
 
@@ -314,6 +360,11 @@ def main() -> None:
     p.add_argument("--variants", nargs="*", default=["fp32", "draft"], choices=list(VARIANTS))
     p.add_argument("--skip", nargs="*", default=[], choices=["model", "decode", "baseline", "mlcls"])
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--corpus-kind", choices=["mixed", "imagenet"], default="mixed",
+                   help="mixed: 320-1600 px, some PNG and grey (default); imagenet: ~500 px JPEGs of ~110 KB")
+    p.add_argument("--decode-ab", type=int, default=0, metavar="ROUNDS",
+                   help="only the decode A/B: mlcls's pool (threads, processes) against torch's DataLoader, "
+                        "1 and all cores' workers, ROUNDS interleaved rounds, medians")
     p.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     p.add_argument("--simulate-device", type=float, default=0.0, metavar="MS",
                    help="a stand-in model taking MS per batch, CPU left free: measures the pipeline's overlap")
@@ -328,6 +379,8 @@ def main() -> None:
     p.add_argument("--nchw", action="store_true")
     p.add_argument("--draft", action="store_true")
     p.add_argument("--gpu-decode", action="store_true")
+    p.add_argument("--loader", choices=["mlcls", "dataloader"], default="mlcls")
+    p.add_argument("--processes", action="store_true", help="mlcls decode pool as processes whatever the count")
     p.add_argument("--results", default=os.path.join(ROOT, "bench", "RESULTS.md"), help="where to append the table")
     p.add_argument("--shard-size", type=int, default=100_000)
     a = p.parse_args()
@@ -348,11 +401,16 @@ def drive(a: argparse.Namespace) -> None:
     if a.simulate_device:  # the stand-in replaces the model: no model-only or baseline rows
         a.skip = [*a.skip, "model", "baseline"]
     workers = a.workers or max(1, (os.cpu_count() or 2) // 2)
-    corpus = os.path.join(OUT, f"corpus-{a.images}")
+    name = f"corpus-{a.images}" if a.corpus_kind == "mixed" else f"corpus-{a.corpus_kind}-{a.images}"
+    corpus = os.path.join(OUT, name)
     t = time.perf_counter()
-    build_corpus(corpus, a.images)
-    print(f"corpus: {a.images} images in {corpus} ({time.perf_counter() - t:.0f} s)", flush=True)
+    build_corpus(corpus, a.images, kind=a.corpus_kind)
+    size_kb = sum(e.stat().st_size for e in os.scandir(corpus)) / a.images / 1024
+    print(f"corpus: {a.images} {a.corpus_kind} images in {corpus}, {size_kb:.0f} KB each on average "
+          f"({time.perf_counter() - t:.0f} s)", flush=True)
     bundle = bench_bundle(a.arch)
+    if a.decode_ab:
+        return decode_ab(a, info, corpus, bundle)
     rows: list[tuple[str, dict]] = []
     common = {"bundle": bundle, "batch_size": a.batch_size, "device": a.device}
     if "model" not in a.skip:
@@ -400,6 +458,30 @@ def drive(a: argparse.Namespace) -> None:
             if name == "fp32" and "baseline" not in a.skip and "error" not in r:
                 agreement["max |p - baseline| (fp32, no draft)"] = compare_probs(out, base_dir, 80)
     report(a, info, rows, {**agreement, **efficiency(a, rows, workers)})
+
+
+def decode_ab(a: argparse.Namespace, info: dict, corpus: str, bundle: str) -> None:
+    """Decode-only rates of the two worker pools, interleaved so that load from elsewhere hits both alike."""
+    import statistics
+
+    cores = os.cpu_count() or 1
+    arms = {}
+    for w in sorted({1, cores}):
+        arms[f"mlcls pool, {w} thread(s)"] = {"workers": w}
+        arms[f"mlcls pool, {w} process(es) + shared-memory ring"] = {"workers": w, "processes": True}
+        arms[f"DataLoader, {w} worker(s)"] = {"workers": w, "loader": "dataloader"}
+    got: dict[str, list[dict]] = {k: [] for k in arms}
+    for _ in range(a.decode_ab):
+        for name, kw in arms.items():
+            got[name].append(run_child("decode", bundle=bundle, corpus=corpus, batch_size=a.batch_size,
+                                       draft=True, device=a.device, **kw))
+    rows = []
+    for name, runs in got.items():
+        rates = [r["rate"] for r in runs if "error" not in r]
+        rows.append((f"decode+preprocess, {name} (median of {len(rates)})",
+                     {**(runs[-1] if rates else {"error": "failed"}), "rate": statistics.median(rates) if rates else 0,
+                      "images": 1, "seconds": 1}))
+    report(a, info, rows, {})
 
 
 def simulated(a: argparse.Namespace, rows: list[tuple[str, dict]], common: dict, corpus: str, workers: int) -> None:
