@@ -31,7 +31,9 @@ OUT = os.environ.get("MLCLS_BENCH_DIR", os.path.join(ROOT, "bench", "out"))
 VARIANTS = {  # name: TagOptions overrides
     "fp32": {"draft": False, "precision": "fp32"},
     "draft": {"draft": True, "precision": "fp32"},
-    "compile": {"draft": True, "precision": "fp32", "compile": True},
+    "draft-noturns": {"draft": True, "precision": "fp32"},  # decode threads beside the model, not in turns
+    "compile": {"draft": True, "precision": "fp32", "compile": "on"},
+    "gpu-compile": {"draft": True, "precision": "auto", "gpu_decode": 1.0, "compile": "on"},
     "bf16": {"draft": True, "precision": "bf16"},
     "gpu-decode": {"draft": True, "precision": "auto", "gpu_decode": 1.0},
     "gpu-decode-fp32": {"draft": True, "precision": "fp32", "gpu_decode": 1.0},
@@ -217,17 +219,17 @@ def simulate_device(ms: float) -> None:
 
 def child_mlcls(a: argparse.Namespace) -> dict:
     from mlcls import progress
-    from mlcls.tag import job
-    from mlcls.tag.engine import get_engine
+    from mlcls.tag import job, turns
 
     if a.simulate_device:
         simulate_device(a.simulate_device)
+    turns.ENABLED = not (a.no_turns or a.simulate_device)  # a stand-in device leaves the CPU to decoding
 
     options = job.TagOptions(batch_size=a.batch_size, device=a.device, shard_size=a.shard_size,
                                   workers=a.workers, **json.loads(a.options))
     t = time.perf_counter()
     bundle = job.open_run(a.out, a.bundle, options)
-    get_engine(bundle, options.device, precision=options.precision, compile=options.compile)
+    job.engine_for(bundle, options, images=len(os.listdir(a.corpus)))  # model load and compile: start-up
     clock = FirstBatchClock()
     unsubscribe = progress.subscribe(lambda e: clock.tick(e.count) if e.kind == "images" else None)
     summary = job.tag_images(a.corpus, a.out, a.bundle, options)
@@ -380,6 +382,7 @@ def main() -> None:
     p.add_argument("--draft", action="store_true")
     p.add_argument("--gpu-decode", action="store_true")
     p.add_argument("--loader", choices=["mlcls", "dataloader"], default="mlcls")
+    p.add_argument("--no-turns", action="store_true", help="CPU decode threads run beside the model")
     p.add_argument("--processes", action="store_true", help="mlcls decode pool as processes whatever the count")
     p.add_argument("--results", default=os.path.join(ROOT, "bench", "RESULTS.md"), help="where to append the table")
     p.add_argument("--shard-size", type=int, default=100_000)
@@ -453,7 +456,7 @@ def drive(a: argparse.Namespace) -> None:
             out = os.path.join(OUT, f"run-{name}")
             shutil.rmtree(out, ignore_errors=True)
             r = run_child("mlcls", **common, corpus=corpus, out=out, workers=a.workers,
-                          options=json.dumps(VARIANTS[name]))
+                          options=json.dumps(VARIANTS[name]), no_turns=name.endswith("-noturns"))
             rows.append((f"mlcls end to end, {name}", r))
             if name == "fp32" and "baseline" not in a.skip and "error" not in r:
                 agreement["max |p - baseline| (fp32, no draft)"] = compare_probs(out, base_dir, 80)
@@ -521,7 +524,7 @@ def efficiency(a: argparse.Namespace, rows: list[tuple[str, dict]], workers: int
         limit = cores / (cores / model + 1 / per_core)
         out["CPU pipeline limit, images/s: cores / (cores / model + 1 / decode per core)"] = limit
         for name, r in rate.items():
-            if name.startswith("mlcls end to end, draft") or name == "mlcls end to end, auto":
+            if name.startswith(("mlcls end to end, draft", "mlcls end to end, auto")):
                 out[f"efficiency of '{name}' against that limit"] = r / limit
     return out
 
