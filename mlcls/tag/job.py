@@ -186,7 +186,9 @@ def get_loader(bundle: Bundle, options: TagOptions, engine: Engine, *, remote: b
                 draft=options.draft, storage_options=storage_options, pin_memory=device_type == "cuda",
                 gpu_decoder=GpuJpegDecoder(bundle.preprocess, engine.device) if gpu else None,
                 gpu_share=options.gpu_decode, ring_images=max(1024, 4 * options.batch_size),
-                turns=turns.CPU_TURNS if take_turns else None)
+                turns=turns.CPU_TURNS if take_turns else None,
+                # by default threads on CPU (a CPU model is far below their GIL limit); 4+ workers asked for: processes
+                processes=False if take_turns and not options.workers else None)
         return loader
 
 
