@@ -48,6 +48,14 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "?"
+
+
 def machine() -> dict:
     import torch
 
@@ -360,10 +368,13 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=None, help="decode workers (mlcls) and DataLoader workers")
     p.add_argument("--variants", nargs="*", default=["fp32", "draft"], choices=list(VARIANTS))
-    p.add_argument("--skip", nargs="*", default=[], choices=["model", "decode", "baseline", "mlcls"])
+    p.add_argument("--skip", nargs="*", default=[],
+                   choices=["model", "decode", "baseline", "mlcls", "nchw", "no-draft"])
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--corpus-kind", choices=["mixed", "imagenet"], default="mixed",
                    help="mixed: 320-1600 px, some PNG and grey (default); imagenet: ~500 px JPEGs of ~110 KB")
+    p.add_argument("--rounds", type=int, default=1, help="run every measurement this many times, interleaved; "
+                   "report medians (use 3 or more on a shared machine)")
     p.add_argument("--decode-ab", type=int, default=0, metavar="ROUNDS",
                    help="only the decode A/B: mlcls's pool (threads, processes) against torch's DataLoader, "
                         "1 and all cores' workers, ROUNDS interleaved rounds, medians")
@@ -396,8 +407,6 @@ def main() -> None:
 
 
 def drive(a: argparse.Namespace) -> None:
-    import shutil
-
     from corpus import build_corpus
 
     info = machine()
@@ -414,10 +423,45 @@ def drive(a: argparse.Namespace) -> None:
     bundle = bench_bundle(a.arch)
     if a.decode_ab:
         return decode_ab(a, info, corpus, bundle)
-    rows: list[tuple[str, dict]] = []
     common = {"bundle": bundle, "batch_size": a.batch_size, "device": a.device}
+    rounds = [measure(a, common, corpus, bundle, workers) for _ in range(a.rounds)]
+    rows = merge_rounds([r for r, _ in rounds])
+    effs = [efficiency(a, r, workers) for r, _ in rounds]
+    extra: dict[str, float] = {}
+    for key in effs[0]:
+        values = sorted(e[key] for e in effs if key in e)
+        extra[key + (f" (median of {len(values)} rounds)" if len(values) > 1 else "")] = values[len(values) // 2]
+    for _, agreement in rounds[:1]:
+        extra.update(agreement)
+    report(a, info, rows, extra)
+
+
+def merge_rounds(rounds: list[list[tuple[str, dict]]]) -> list[tuple[str, dict]]:
+    """One row per measurement: the median rate over the rounds (each round runs every measurement once)."""
+    import statistics
+
+    merged = []
+    for name, first in rounds[0]:
+        runs = [r for rows in rounds for n, r in rows if n == name and "error" not in r]
+        if not runs:
+            merged.append((name, first))
+            continue
+        rates = [r["rate"] for r in runs]
+        label = f"{name} (median of {len(rates)}: {min(rates):.1f}-{max(rates):.1f})" if len(rates) > 1 else name
+        merged.append((label, {**runs[0], "rate": statistics.median(rates)}))
+    return merged
+
+
+def measure(a: argparse.Namespace, common: dict, corpus: str, bundle: str,
+            workers: int) -> tuple[list[tuple[str, dict]], dict[str, float]]:
+    """One round: every measurement once, in the same order, so rounds interleave under changing load."""
+    import shutil
+
+    print(f"round, load average {loadavg()}", flush=True)
+    rows: list[tuple[str, dict]] = []
     if "model" not in a.skip:
-        rows.append(("model only, eager NCHW fp32", run_child("model", **common, iters=a.iters, nchw=True)))
+        if "nchw" not in a.skip:
+            rows.append(("model only, eager NCHW fp32", run_child("model", **common, iters=a.iters, nchw=True)))
         rows.append(("model only, channels_last fp32", run_child("model", **common, iters=a.iters)))
         if "compile" in a.variants:
             precision = "bf16" if a.device == "cuda" else "fp32"
@@ -427,7 +471,7 @@ def drive(a: argparse.Namespace) -> None:
             rows.append(("model only, bf16 channels_last", run_child("model", **common, iters=a.iters,
                                                                      precision="bf16")))
     if "decode" not in a.skip:
-        for draft in (False, True):
+        for draft in (False, True) if "no-draft" not in a.skip else (True,):
             kind = "processes" if workers >= 4 else "threads"
             rows.append((f"decode+preprocess, {workers} {kind}, draft {'on' if draft else 'off'}",
                          run_child("decode", bundle=bundle, corpus=corpus, batch_size=a.batch_size,
@@ -440,7 +484,7 @@ def drive(a: argparse.Namespace) -> None:
                                    workers=workers, draft=True, device=a.device, gpu_decode=True)))
     if a.simulate_device:
         simulated(a, rows, common, corpus, workers)
-        return report(a, info, rows, efficiency(a, rows, workers))
+        return rows, {}
     if "decode" not in a.skip and "model" not in a.skip:
         rows.append(("decode+preprocess, 1 thread, draft on", run_child(
             "decode", bundle=bundle, corpus=corpus, batch_size=a.batch_size, workers=1, draft=True, device=a.device)))
@@ -460,7 +504,7 @@ def drive(a: argparse.Namespace) -> None:
             rows.append((f"mlcls end to end, {name}", r))
             if name == "fp32" and "baseline" not in a.skip and "error" not in r:
                 agreement["max |p - baseline| (fp32, no draft)"] = compare_probs(out, base_dir, 80)
-    report(a, info, rows, {**agreement, **efficiency(a, rows, workers)})
+    return rows, agreement
 
 
 def decode_ab(a: argparse.Namespace, info: dict, corpus: str, bundle: str) -> None:
@@ -548,7 +592,8 @@ def report(a: argparse.Namespace, info: dict, rows: list[tuple[str, dict]], extr
     cmd = "python bench/throughput.py " + " ".join(sys.argv[1:])
     header = (f"\n### {a.arch}, {a.images} images, batch {a.batch_size}, device {a.device} "
               f"({datetime.now(UTC):%Y-%m-%d})\n\n`{cmd}`\n\nMachine: {info['cpu']}, {info['cores']} cores, "
-              f"GPU {info['gpu']}, torch {info['torch']} ({info['threads']} threads)\n\n")
+              f"GPU {info['gpu']}, torch {info['torch']} ({info['threads']} threads); load average at the end "
+              f"{loadavg()} (1, 5, 15 min)\n\n")
     text = header + "\n".join(lines) + "\n"
     print(text, flush=True)
     if not a.no_record:
