@@ -230,7 +230,7 @@ def tag_shard(shard: Shard, *, model: str | None, out: str, options: TagOptions,
     started = time.perf_counter()
     bundle = get_bundle(model, storage_options)
     records = read_shard(shard, storage_options)
-    engine = engine_for(bundle, options, images=len(records))
+    engine = engine_for(bundle, options, images=max(len(records), _PLANNED[0]))
     remote = bool(records) and "://" in records[0].uri
     loader = get_loader(bundle, options, engine, remote=remote, storage_options=storage_options)
     probs = np.zeros((len(records), len(bundle.classes)), dtype=np.float32)
@@ -258,6 +258,17 @@ def tag_shard(shard: Shard, *, model: str | None, out: str, options: TagOptions,
     result.part, result.seconds = part, time.perf_counter() - started
     progress.emit(progress.Event("shard_done", count=len(records), errors=result.errors, shard=shard.id))
     return result
+
+
+_PLANNED = [0]  # images the last plan in this process counted: the work `--compile auto` weighs
+
+
+def _note_planned(event: progress.Event) -> None:
+    if event.kind == "planned":
+        _PLANNED[0] = event.total
+
+
+progress.subscribe(_note_planned)
 
 
 def _collect(probs: np.ndarray, rows: list[int], pending: Pending) -> None:

@@ -90,10 +90,11 @@ def test_compile_option_and_auto_policy(tiny_bundle):
     with pytest.raises(OptionError, match="--compile"):
         TagOptions(compile="sometimes").validate()
     assert compiling.should_compile("on", "cpu", 1) and not compiling.should_compile("off", "cpu", 10**9)
-    cpu_even = compiling.break_even_images("cpu")
-    assert not compiling.should_compile("auto", "cpu", cpu_even - 1)
-    assert compiling.should_compile("auto", "cpu", cpu_even)
-    assert compiling.break_even_images("cpu", model_rate=500) > cpu_even  # a faster model gains fewer seconds
+    cpu_even = compiling.break_even_images("cpu", warm=False)
+    assert not compiling.should_compile("auto", "cpu", cpu_even - 1, warm=False)
+    assert compiling.should_compile("auto", "cpu", cpu_even, warm=False)
+    assert compiling.break_even_images("cpu", warm=True) < cpu_even  # a warm cache: the compile pays sooner
+    assert compiling.break_even_images("cpu", model_rate=500, warm=False) > cpu_even  # fewer seconds to gain
     engine = engine_for(load_bundle(tiny_bundle), TagOptions(device="cpu").validate(), images=100)
     assert engine.pad_to is None and not hasattr(engine.model, "_orig_mod")  # a short shard: eager
 
@@ -104,6 +105,9 @@ def test_compile_cache_lives_under_the_users_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert compiling.use_compile_cache() == str(tmp_path / "mlcls" / "inductor")
     assert (tmp_path / "mlcls" / "inductor").is_dir()
+    assert not compiling.cache_is_warm()
+    (tmp_path / "mlcls" / "inductor" / "fxgraph" / "ab").mkdir(parents=True)  # what an earlier compile leaves
+    assert compiling.cache_is_warm()
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     assert compiling.use_compile_cache() == str(tmp_path / "mine")  # the user's choice wins
 
