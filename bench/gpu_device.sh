@@ -47,6 +47,9 @@ timeout 240 python3 bench/throughput.py "${common[@]}" --images 3000 --corpus-ki
 log "mixed corpus"
 timeout 150 python3 bench/throughput.py "${common[@]}" --images 2000 --skip model \
     --variants gpu-decode cpu-decode auto > "$OUT/mixed.log" 2>&1; log "mixed rc=$?"
+log "decode pool A/B (mlcls threads / processes + ring / DataLoader)"
+timeout 150 python3 bench/throughput.py "${common[@]}" --images 2000 --corpus-kind imagenet --decode-ab 1 \
+    > "$OUT/decode-ab.log" 2>&1; log "decode-ab rc=$?"
 log "stand-in device (overlap)"
 timeout 60 python3 bench/throughput.py "${common[@]}" --images 2000 --corpus-kind imagenet --simulate-device 20 \
     > "$OUT/simulated.log" 2>&1; log "simulated rc=$?"

@@ -518,8 +518,11 @@ def decode_ab(a: argparse.Namespace, info: dict, corpus: str, bundle: str) -> No
         arms[f"mlcls pool, {w} process(es) + shared-memory ring"] = {"workers": w, "processes": True}
         arms[f"DataLoader, {w} worker(s)"] = {"workers": w, "loader": "dataloader"}
     got: dict[str, list[dict]] = {k: [] for k in arms}
-    for _ in range(a.decode_ab):
-        for name, kw in arms.items():
+    names = list(arms)
+    for k in range(a.decode_ab):
+        print(f"round {k + 1}, load average {loadavg()}", flush=True)
+        for name in names[k % len(names):] + names[:k % len(names)]:  # a new order each round: load drifts
+            kw = arms[name]
             got[name].append(run_child("decode", bundle=bundle, corpus=corpus, batch_size=a.batch_size,
                                        draft=True, device=a.device, **kw))
     rows = []
