@@ -41,6 +41,7 @@ VARIANTS = {  # name: TagOptions overrides
     "hybrid-0.3": {"draft": True, "precision": "auto", "gpu_decode": 0.3},
     "hybrid-0.5": {"draft": True, "precision": "auto", "gpu_decode": 0.5},
     "auto": {},
+    "dataloader": {},  # not an mlcls option: the A/B row "mlcls engine fed by DataLoader"
 }
 
 
@@ -197,10 +198,19 @@ def dataloader_decode(a: argparse.Namespace, bundle, records: list, device) -> d
 
     loader = DataLoader(ShardBatches(), batch_size=None, num_workers=a.workers, persistent_workers=True,
                         pin_memory=device.type == "cuda", prefetch_factor=2)
+    engine = None
+    if a.with_model:  # end to end: mlcls's engine fed by the DataLoader (what replacing the pool would give)
+        from mlcls.tag import job
+
+        engine = job.engine_for(bundle, job.TagOptions(device=a.device, batch_size=bs, precision="fp32",
+                                                       compile="off").validate())
     clock = FirstBatchClock()
     errors = 0
     for _, pixels, decoded in loader:
-        pixels.to(device, non_blocking=True)
+        if engine is not None:
+            engine.probs(pixels)
+        else:
+            pixels.to(device, non_blocking=True)
         errors += len(decoded) - pixels.shape[0]
         clock.tick(len(decoded))
     images, seconds = clock.rate()
@@ -393,6 +403,7 @@ def main() -> None:
     p.add_argument("--draft", action="store_true")
     p.add_argument("--gpu-decode", action="store_true")
     p.add_argument("--loader", choices=["mlcls", "dataloader"], default="mlcls")
+    p.add_argument("--with-model", action="store_true", help="DataLoader decode child: run the model too")
     p.add_argument("--no-turns", action="store_true", help="CPU decode threads run beside the model")
     p.add_argument("--processes", action="store_true", help="mlcls decode pool as processes whatever the count")
     p.add_argument("--results", default=os.path.join(ROOT, "bench", "RESULTS.md"), help="where to append the table")
@@ -495,8 +506,13 @@ def measure(a: argparse.Namespace, common: dict, corpus: str, bundle: str,
         rows.append((f"baseline (DataLoader, {os.cpu_count()} workers)",
                      run_child("baseline", **common, corpus=corpus, out=base_dir, workers=os.cpu_count())))
     agreement = {}
+    if "mlcls" not in a.skip and "dataloader" in a.variants:
+        w = a.workers or os.cpu_count() or 1
+        rows.append((f"mlcls engine fed by DataLoader ({w} workers), draft", run_child(
+            "decode", bundle=bundle, corpus=corpus, batch_size=a.batch_size, workers=w, draft=True,
+            device=a.device, loader="dataloader", with_model=True)))
     if "mlcls" not in a.skip:
-        for name in a.variants:
+        for name in [v for v in a.variants if v != "dataloader"]:
             out = os.path.join(OUT, f"run-{name}")
             shutil.rmtree(out, ignore_errors=True)
             r = run_child("mlcls", **common, corpus=corpus, out=out, workers=a.workers,
