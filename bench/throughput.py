@@ -434,6 +434,8 @@ def drive(a: argparse.Namespace) -> None:
     bundle = bench_bundle(a.arch)
     if a.decode_ab:
         return decode_ab(a, info, corpus, bundle)
+    import statistics
+
     common = {"bundle": bundle, "batch_size": a.batch_size, "device": a.device}
     rounds = [measure(a, common, corpus, bundle, workers) for _ in range(a.rounds)]
     rows = merge_rounds([r for r, _ in rounds])
@@ -441,7 +443,8 @@ def drive(a: argparse.Namespace) -> None:
     extra: dict[str, float] = {}
     for key in effs[0]:
         values = sorted(e[key] for e in effs if key in e)
-        extra[key + (f" (median of {len(values)} rounds)" if len(values) > 1 else "")] = values[len(values) // 2]
+        spread = f" (median of {len(values)} rounds: {values[0]:.2f}-{values[-1]:.2f})" if len(values) > 1 else ""
+        extra[key + spread] = statistics.median(values)
     for _, agreement in rounds[:1]:
         extra.update(agreement)
     report(a, info, rows, extra)
