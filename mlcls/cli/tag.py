@@ -24,7 +24,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--shard-size", type=int, default=5000, help="images per shard and part file (default: 5000)")
     p.add_argument("--workers", type=int, default=None,
-                   help="decode workers (default: all cores on CPU, in turns with the model; all but one on GPU)")
+                   help="decode workers (default: half the cores on CPU, all but one on GPU)")
     p.add_argument("--max-pixels", type=int, default=None,
                    help="larger images get an error row instead of being decoded (default: 100,000,000)")
     p.add_argument("--probs", default="all", help="probabilities kept: all, top-k:N or min:P (default: all)")

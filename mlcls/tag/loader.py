@@ -45,7 +45,7 @@ from mlcls.tag.turns import Turns
 PROCESS_THRESHOLD = 4  # this many decode workers or more run as processes
 
 
-def default_decode_workers(device_type: str, take_turns: bool = True) -> int:
+def default_decode_workers(device_type: str, take_turns: bool = False) -> int:
     """Feed a GPU with all cores but the one that drives it; on a CPU, decode on every core in turns with
     the model (`mlcls.tag.turns`), or on half of them beside it."""
     cores = os.cpu_count() or 1

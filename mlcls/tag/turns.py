@@ -54,5 +54,8 @@ class Turns:
                 self._cond.notify_all()
 
 
-ENABLED = True  # bench/throughput.py --no-turns switches it off for the A/B
+# Off by default: on a shared 2-core machine the A/B against decode threads beside the model was within the noise
+# (mobilenet_v3_large +5%, resnet50 -29% to +15% over rounds; bench/RESULTS.md). bench/throughput.py's
+# `draft-turns` variant switches it on, to measure it on a quiet machine before making it the default.
+ENABLED = False
 CPU_TURNS = Turns()  # one per process: its cores are shared by every engine and loader in it

@@ -172,5 +172,5 @@ def test_default_decode_workers_use_the_cores():
 
     cores = os.cpu_count() or 1
     assert default_decode_workers("cuda") == max(1, cores - 1)  # one core drives the GPU
-    assert default_decode_workers("cpu") == cores  # in turns with the model
-    assert default_decode_workers("cpu", take_turns=False) == max(1, cores // 2)
+    assert default_decode_workers("cpu", take_turns=True) == cores  # in turns with the model
+    assert default_decode_workers("cpu", take_turns=False) == max(1, cores // 2)  # beside it (the default)
