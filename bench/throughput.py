@@ -31,7 +31,9 @@ OUT = os.environ.get("MLCLS_BENCH_DIR", os.path.join(ROOT, "bench", "out"))
 VARIANTS = {  # name: TagOptions overrides
     "fp32": {"draft": False, "precision": "fp32"},
     "draft": {"draft": True, "precision": "fp32"},
-    "compile": {"draft": True, "precision": "fp32", "compile": True},
+    "draft-turns": {"draft": True, "precision": "fp32"},  # CPU decode in turns with the model (mlcls.tag.turns)
+    "compile": {"draft": True, "precision": "fp32", "compile": "on"},
+    "gpu-compile": {"draft": True, "precision": "auto", "gpu_decode": 1.0, "compile": "on"},
     "bf16": {"draft": True, "precision": "bf16"},
     "gpu-decode": {"draft": True, "precision": "auto", "gpu_decode": 1.0},
     "gpu-decode-fp32": {"draft": True, "precision": "fp32", "gpu_decode": 1.0},
@@ -39,11 +41,20 @@ VARIANTS = {  # name: TagOptions overrides
     "hybrid-0.3": {"draft": True, "precision": "auto", "gpu_decode": 0.3},
     "hybrid-0.5": {"draft": True, "precision": "auto", "gpu_decode": 0.5},
     "auto": {},
+    "dataloader": {},  # not an mlcls option: the A/B row "mlcls engine fed by DataLoader"
 }
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "?"
 
 
 def machine() -> dict:
@@ -136,9 +147,11 @@ def child_decode(a: argparse.Namespace) -> dict:
     bundle = load_bundle(a.bundle)
     device = resolve_device(a.device)
     records = list(iter_source(a.corpus))
+    if a.loader == "dataloader":
+        return dataloader_decode(a, bundle, records, device)
     decoder = GpuJpegDecoder(bundle.preprocess, device) if a.gpu_decode else None
     loader = Loader(bundle.preprocess, decode_workers=a.workers, io_workers=8, draft=a.draft, gpu_decoder=decoder,
-                    pin_memory=device.type == "cuda")
+                    pin_memory=device.type == "cuda", processes=True if a.processes else None)
     clock = FirstBatchClock()
     errors = 0
     for batch in loader.batches(records, a.batch_size):
@@ -147,6 +160,59 @@ def child_decode(a: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         errors += len(batch.records) - len(order)
         clock.tick(len(batch.records))
+    images, seconds = clock.rate()
+    return {"images": images, "seconds": seconds, "errors": errors}
+
+
+def dataloader_decode(a: argparse.Namespace, bundle, records: list, device) -> dict:
+    """The A/B of mlcls's decode pool: torch's DataLoader over the shard's records, same read and decode code.
+
+    An IterableDataset hands worker k every k-th batch of records (so batches
+    come back in order), each worker reads and decodes with
+    `mlcls.images.load.load_chunk` (retried reads, an error per bad image) and
+    collates uint8 pixels; persistent workers, pin_memory on CUDA.
+    """
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+    from mlcls.images.load import LoadConfig, load_chunk
+
+    cfg = LoadConfig(preprocess=bundle.preprocess, draft=a.draft)
+    size, bs = bundle.preprocess.size, a.batch_size
+
+    class ShardBatches(IterableDataset):
+        def __iter__(self):
+            info = get_worker_info()
+            n, k = (info.num_workers, info.id) if info else (1, 0)
+            for j, start in enumerate(range(0, len(records), bs)):
+                if j % n == k:
+                    chunk = records[start:start + bs]
+                    decoded = load_chunk([r.uri for r in chunk], cfg, None, 0, [r.size for r in chunk])
+                    ok = [i for i, d in enumerate(decoded) if d.pixels is not None]
+                    pixels = (np.stack([decoded[i].pixels for i in ok]) if ok
+                              else np.empty((0, size, size, 3), np.uint8))
+                    for d in decoded:
+                        d.pixels = None
+                    yield start, torch.from_numpy(pixels), decoded
+
+    loader = DataLoader(ShardBatches(), batch_size=None, num_workers=a.workers, persistent_workers=True,
+                        pin_memory=device.type == "cuda", prefetch_factor=2)
+    engine = None
+    if a.with_model:  # end to end: mlcls's engine fed by the DataLoader (what replacing the pool would give)
+        from mlcls.tag import job
+
+        engine = job.engine_for(bundle, job.TagOptions(device=a.device, batch_size=bs, precision="fp32",
+                                                       compile="off").validate())
+    clock = FirstBatchClock()
+    errors = 0
+    for _, pixels, decoded in loader:
+        if engine is not None:
+            engine.probs(pixels)
+        else:
+            pixels.to(device, non_blocking=True)
+        errors += len(decoded) - pixels.shape[0]
+        clock.tick(len(decoded))
     images, seconds = clock.rate()
     return {"images": images, "seconds": seconds, "errors": errors}
 
@@ -171,17 +237,17 @@ def simulate_device(ms: float) -> None:
 
 def child_mlcls(a: argparse.Namespace) -> dict:
     from mlcls import progress
-    from mlcls.tag import job
-    from mlcls.tag.engine import get_engine
+    from mlcls.tag import job, turns
 
     if a.simulate_device:
         simulate_device(a.simulate_device)
+    turns.ENABLED = a.turns and not a.simulate_device  # a stand-in device leaves the CPU to decoding
 
     options = job.TagOptions(batch_size=a.batch_size, device=a.device, shard_size=a.shard_size,
                                   workers=a.workers, **json.loads(a.options))
     t = time.perf_counter()
     bundle = job.open_run(a.out, a.bundle, options)
-    get_engine(bundle, options.device, precision=options.precision, compile=options.compile)
+    job.engine_for(bundle, options, images=len(os.listdir(a.corpus)))  # model load and compile: start-up
     clock = FirstBatchClock()
     unsubscribe = progress.subscribe(lambda e: clock.tick(e.count) if e.kind == "images" else None)
     summary = job.tag_images(a.corpus, a.out, a.bundle, options)
@@ -312,8 +378,16 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=None, help="decode workers (mlcls) and DataLoader workers")
     p.add_argument("--variants", nargs="*", default=["fp32", "draft"], choices=list(VARIANTS))
-    p.add_argument("--skip", nargs="*", default=[], choices=["model", "decode", "baseline", "mlcls"])
+    p.add_argument("--skip", nargs="*", default=[],
+                   choices=["model", "decode", "baseline", "mlcls", "nchw", "no-draft"])
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--corpus-kind", choices=["mixed", "imagenet"], default="mixed",
+                   help="mixed: 320-1600 px, some PNG and grey (default); imagenet: ~500 px JPEGs of ~110 KB")
+    p.add_argument("--rounds", type=int, default=1, help="run every measurement this many times, interleaved; "
+                   "report medians (use 3 or more on a shared machine)")
+    p.add_argument("--decode-ab", type=int, default=0, metavar="ROUNDS",
+                   help="only the decode A/B: mlcls's pool (threads, processes) against torch's DataLoader, "
+                        "1 and all cores' workers, ROUNDS interleaved rounds, medians")
     p.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     p.add_argument("--simulate-device", type=float, default=0.0, metavar="MS",
                    help="a stand-in model taking MS per batch, CPU left free: measures the pipeline's overlap")
@@ -328,6 +402,10 @@ def main() -> None:
     p.add_argument("--nchw", action="store_true")
     p.add_argument("--draft", action="store_true")
     p.add_argument("--gpu-decode", action="store_true")
+    p.add_argument("--loader", choices=["mlcls", "dataloader"], default="mlcls")
+    p.add_argument("--with-model", action="store_true", help="DataLoader decode child: run the model too")
+    p.add_argument("--turns", action="store_true", help="CPU decode threads take turns with the model")
+    p.add_argument("--processes", action="store_true", help="mlcls decode pool as processes whatever the count")
     p.add_argument("--results", default=os.path.join(ROOT, "bench", "RESULTS.md"), help="where to append the table")
     p.add_argument("--shard-size", type=int, default=100_000)
     a = p.parse_args()
@@ -340,23 +418,64 @@ def main() -> None:
 
 
 def drive(a: argparse.Namespace) -> None:
-    import shutil
-
     from corpus import build_corpus
 
     info = machine()
     if a.simulate_device:  # the stand-in replaces the model: no model-only or baseline rows
         a.skip = [*a.skip, "model", "baseline"]
     workers = a.workers or max(1, (os.cpu_count() or 2) // 2)
-    corpus = os.path.join(OUT, f"corpus-{a.images}")
+    name = f"corpus-{a.images}" if a.corpus_kind == "mixed" else f"corpus-{a.corpus_kind}-{a.images}"
+    corpus = os.path.join(OUT, name)
     t = time.perf_counter()
-    build_corpus(corpus, a.images)
-    print(f"corpus: {a.images} images in {corpus} ({time.perf_counter() - t:.0f} s)", flush=True)
+    build_corpus(corpus, a.images, kind=a.corpus_kind)
+    size_kb = sum(e.stat().st_size for e in os.scandir(corpus)) / a.images / 1024
+    print(f"corpus: {a.images} {a.corpus_kind} images in {corpus}, {size_kb:.0f} KB each on average "
+          f"({time.perf_counter() - t:.0f} s)", flush=True)
     bundle = bench_bundle(a.arch)
-    rows: list[tuple[str, dict]] = []
+    if a.decode_ab:
+        return decode_ab(a, info, corpus, bundle)
+    import statistics
+
     common = {"bundle": bundle, "batch_size": a.batch_size, "device": a.device}
+    rounds = [measure(a, common, corpus, bundle, workers) for _ in range(a.rounds)]
+    rows = merge_rounds([r for r, _ in rounds])
+    effs = [efficiency(a, r, workers) for r, _ in rounds]
+    extra: dict[str, float] = {}
+    for key in effs[0]:
+        values = sorted(e[key] for e in effs if key in e)
+        spread = f" (median of {len(values)} rounds: {values[0]:.2f}-{values[-1]:.2f})" if len(values) > 1 else ""
+        extra[key + spread] = statistics.median(values)
+    for _, agreement in rounds[:1]:
+        extra.update(agreement)
+    report(a, info, rows, extra)
+
+
+def merge_rounds(rounds: list[list[tuple[str, dict]]]) -> list[tuple[str, dict]]:
+    """One row per measurement: the median rate over the rounds (each round runs every measurement once)."""
+    import statistics
+
+    merged = []
+    for name, first in rounds[0]:
+        runs = [r for rows in rounds for n, r in rows if n == name and "error" not in r]
+        if not runs:
+            merged.append((name, first))
+            continue
+        rates = [r["rate"] for r in runs]
+        label = f"{name} (median of {len(rates)}: {min(rates):.1f}-{max(rates):.1f})" if len(rates) > 1 else name
+        merged.append((label, {**runs[0], "rate": statistics.median(rates)}))
+    return merged
+
+
+def measure(a: argparse.Namespace, common: dict, corpus: str, bundle: str,
+            workers: int) -> tuple[list[tuple[str, dict]], dict[str, float]]:
+    """One round: every measurement once, in the same order, so rounds interleave under changing load."""
+    import shutil
+
+    print(f"round, load average {loadavg()}", flush=True)
+    rows: list[tuple[str, dict]] = []
     if "model" not in a.skip:
-        rows.append(("model only, eager NCHW fp32", run_child("model", **common, iters=a.iters, nchw=True)))
+        if "nchw" not in a.skip:
+            rows.append(("model only, eager NCHW fp32", run_child("model", **common, iters=a.iters, nchw=True)))
         rows.append(("model only, channels_last fp32", run_child("model", **common, iters=a.iters)))
         if "compile" in a.variants:
             precision = "bf16" if a.device == "cuda" else "fp32"
@@ -366,7 +485,7 @@ def drive(a: argparse.Namespace) -> None:
             rows.append(("model only, bf16 channels_last", run_child("model", **common, iters=a.iters,
                                                                      precision="bf16")))
     if "decode" not in a.skip:
-        for draft in (False, True):
+        for draft in (False, True) if "no-draft" not in a.skip else (True,):
             kind = "processes" if workers >= 4 else "threads"
             rows.append((f"decode+preprocess, {workers} {kind}, draft {'on' if draft else 'off'}",
                          run_child("decode", bundle=bundle, corpus=corpus, batch_size=a.batch_size,
@@ -379,7 +498,7 @@ def drive(a: argparse.Namespace) -> None:
                                    workers=workers, draft=True, device=a.device, gpu_decode=True)))
     if a.simulate_device:
         simulated(a, rows, common, corpus, workers)
-        return report(a, info, rows, efficiency(a, rows, workers))
+        return rows, {}
     if "decode" not in a.skip and "model" not in a.skip:
         rows.append(("decode+preprocess, 1 thread, draft on", run_child(
             "decode", bundle=bundle, corpus=corpus, batch_size=a.batch_size, workers=1, draft=True, device=a.device)))
@@ -390,16 +509,48 @@ def drive(a: argparse.Namespace) -> None:
         rows.append((f"baseline (DataLoader, {os.cpu_count()} workers)",
                      run_child("baseline", **common, corpus=corpus, out=base_dir, workers=os.cpu_count())))
     agreement = {}
+    if "mlcls" not in a.skip and "dataloader" in a.variants:
+        w = a.workers or os.cpu_count() or 1
+        rows.append((f"mlcls engine fed by DataLoader ({w} workers), draft", run_child(
+            "decode", bundle=bundle, corpus=corpus, batch_size=a.batch_size, workers=w, draft=True,
+            device=a.device, loader="dataloader", with_model=True)))
     if "mlcls" not in a.skip:
-        for name in a.variants:
+        for name in [v for v in a.variants if v != "dataloader"]:
             out = os.path.join(OUT, f"run-{name}")
             shutil.rmtree(out, ignore_errors=True)
             r = run_child("mlcls", **common, corpus=corpus, out=out, workers=a.workers,
-                          options=json.dumps(VARIANTS[name]))
+                          options=json.dumps(VARIANTS[name]), turns=name.endswith("-turns"))
             rows.append((f"mlcls end to end, {name}", r))
             if name == "fp32" and "baseline" not in a.skip and "error" not in r:
                 agreement["max |p - baseline| (fp32, no draft)"] = compare_probs(out, base_dir, 80)
-    report(a, info, rows, {**agreement, **efficiency(a, rows, workers)})
+    return rows, agreement
+
+
+def decode_ab(a: argparse.Namespace, info: dict, corpus: str, bundle: str) -> None:
+    """Decode-only rates of the two worker pools, interleaved so that load from elsewhere hits both alike."""
+    import statistics
+
+    cores = os.cpu_count() or 1
+    arms = {}
+    for w in sorted({1, cores}):
+        arms[f"mlcls pool, {w} thread(s)"] = {"workers": w}
+        arms[f"mlcls pool, {w} process(es) + shared-memory ring"] = {"workers": w, "processes": True}
+        arms[f"DataLoader, {w} worker(s)"] = {"workers": w, "loader": "dataloader"}
+    got: dict[str, list[dict]] = {k: [] for k in arms}
+    names = list(arms)
+    for k in range(a.decode_ab):
+        print(f"round {k + 1}, load average {loadavg()}", flush=True)
+        for name in names[k % len(names):] + names[:k % len(names)]:  # a new order each round: load drifts
+            kw = arms[name]
+            got[name].append(run_child("decode", bundle=bundle, corpus=corpus, batch_size=a.batch_size,
+                                       draft=True, device=a.device, **kw))
+    rows = []
+    for name, runs in got.items():
+        rates = [r["rate"] for r in runs if "error" not in r]
+        rows.append((f"decode+preprocess, {name} (median of {len(rates)})",
+                     {**(runs[-1] if rates else {"error": "failed"}), "rate": statistics.median(rates) if rates else 0,
+                      "images": 1, "seconds": 1}))
+    report(a, info, rows, {})
 
 
 def simulated(a: argparse.Namespace, rows: list[tuple[str, dict]], common: dict, corpus: str, workers: int) -> None:
@@ -439,7 +590,7 @@ def efficiency(a: argparse.Namespace, rows: list[tuple[str, dict]], workers: int
         limit = cores / (cores / model + 1 / per_core)
         out["CPU pipeline limit, images/s: cores / (cores / model + 1 / decode per core)"] = limit
         for name, r in rate.items():
-            if name.startswith("mlcls end to end, draft") or name == "mlcls end to end, auto":
+            if name.startswith(("mlcls end to end, draft", "mlcls end to end, auto")):
                 out[f"efficiency of '{name}' against that limit"] = r / limit
     return out
 
@@ -463,7 +614,8 @@ def report(a: argparse.Namespace, info: dict, rows: list[tuple[str, dict]], extr
     cmd = "python bench/throughput.py " + " ".join(sys.argv[1:])
     header = (f"\n### {a.arch}, {a.images} images, batch {a.batch_size}, device {a.device} "
               f"({datetime.now(UTC):%Y-%m-%d})\n\n`{cmd}`\n\nMachine: {info['cpu']}, {info['cores']} cores, "
-              f"GPU {info['gpu']}, torch {info['torch']} ({info['threads']} threads)\n\n")
+              f"GPU {info['gpu']}, torch {info['torch']} ({info['threads']} threads); load average at the end "
+              f"{loadavg()} (1, 5, 15 min)\n\n")
     text = header + "\n".join(lines) + "\n"
     print(text, flush=True)
     if not a.no_record:

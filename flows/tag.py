@@ -83,7 +83,7 @@ def tag_images(
     precision: str = "auto",
     draft: bool = True,
     gpu_decode: float = 1.0,
-    compile: bool = False,
+    compile: str | bool = "auto",
     retry_errors: bool = False,
     storage_options: dict[str, Any] | None = None,
     fan_out: Literal["none", "deployment"] = "none",

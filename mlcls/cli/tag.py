@@ -23,7 +23,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--shard-size", type=int, default=5000, help="images per shard and part file (default: 5000)")
-    p.add_argument("--workers", type=int, default=None, help="decode threads (default: half the cores on CPU)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="decode workers (default: half the cores on CPU, all but one on GPU)")
     p.add_argument("--max-pixels", type=int, default=None,
                    help="larger images get an error row instead of being decoded (default: 100,000,000)")
     p.add_argument("--probs", default="all", help="probabilities kept: all, top-k:N or min:P (default: all)")
@@ -32,9 +33,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--retry-errors", action="store_true",
                    help="tag again the images whose rows are decode, empty or too_large errors (read errors are "
                         "always tagged again)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the model: faster steady state after a compile of 20-70 s (cached "
-                        "across runs by torch); worth it for long runs, see bench/RESULTS.md")
+    p.add_argument("--compile", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
+                   help="torch.compile the model: auto (default) compiles when the shard is long enough to win back "
+                        "the compile (20-70 s, cached under ~/.cache/mlcls); --compile alone means on")
     p.add_argument("--gpu-decode", type=float, default=1.0, metavar="SHARE",
                    help="on CUDA, the share of JPEGs decoded on the GPU (nvJPEG); the rest on CPU workers "
                         "(default 1.0)")

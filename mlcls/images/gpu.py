@@ -1,17 +1,26 @@
-"""JPEG decoding on the GPU (nvJPEG through torchvision) for CUDA runs.
+"""JPEG decoding on the GPU for CUDA runs: nvImageCodec, batched, with torchvision's nvJPEG as fallback.
 
 On a GPU box the CPU's job shrinks to reading bytes and peeking at JPEG
 headers; decoding, resizing and cropping happen on the device, batched.
-Anything nvJPEG should not take (see `mlcls.images.decode.plain_jpeg_size`)
+nvImageCodec (`pip install mlcls[gpu]`, imported lazily) drives the
+A100/H100/H200 hardware JPEG engine and CUDA decoders over a whole batch,
+and gives None for a file it cannot decode instead of failing the batch.
+Where it is not installed, torchvision's `decode_jpeg(device="cuda")`
+stands in (deprecated, and it fails a whole batch on one bad file).
+
+Anything the GPU should not take (see `mlcls.images.decode.plain_jpeg_size`)
 or fails to decode goes through the CPU path (`decode_or_fallback`), which
 also writes the error rows, so behaviour per image is the same either way.
-Resizing uses torchvision's antialiased tensor resize, which
-is close to, not bit-identical with, PIL's (see bench/RESULTS.md for drift).
+Images of the same size are resized as one batch; torchvision's antialiased
+tensor resize is close to, not bit-identical with, PIL's (bench/RESULTS.md).
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
+from collections import defaultdict
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,31 +32,80 @@ from mlcls.images.load import LoadConfig, decode_one
 from mlcls.images.preprocess import Preprocess
 
 warnings.filterwarnings("ignore", message=r".*TorchCodec.*")  # torchvision >= 0.29 marks decode_jpeg deprecated
+log = logging.getLogger(__name__)
+
+
+def nvimgcodec_decoder(device: torch.device) -> Any | None:
+    """An nvImageCodec decoder on `device`, or None where the package is not installed."""
+    try:
+        from nvidia import nvimgcodec
+    except ImportError:
+        return None
+    # fancy upsampling: the chroma interpolation libjpeg (and so PIL, the CPU path) uses by default
+    return nvimgcodec.Decoder(device_id=device.index or 0, options=":fancy_upsampling=1")
 
 
 class GpuJpegDecoder:
-    """Batched nvJPEG decode, then the bundle's resize and crop on the device; uint8 (S, S, 3) out."""
+    """Batched JPEG decode on the device, then the bundle's resize and crop; uint8 (S, S, 3) out."""
 
-    def __init__(self, pre: Preprocess, device: torch.device) -> None:
+    def __init__(self, pre: Preprocess, device: torch.device, *, backend: str = "auto") -> None:
         self.pre = pre
         self.device = device
         self.interpolation = InterpolationMode(pre.interpolation)
+        self._nv = nvimgcodec_decoder(device) if backend in ("auto", "nvimgcodec") else None
+        if backend == "nvimgcodec" and self._nv is None:
+            raise ImportError("nvImageCodec is not installed: pip install 'mlcls[gpu]'")
+        self.backend = "nvimgcodec" if self._nv is not None else "torchvision"
+        log.info("GPU JPEG decode on %s with %s", device, self.backend)
 
     def decode(self, datas: list[bytes]) -> list[torch.Tensor | None]:
-        """One tensor per input, or None where the GPU could not decode it (the caller falls back)."""
+        """One (S, S, 3) tensor per input, or None where the GPU could not decode it (the caller falls back)."""
+        images = self._decode_nvimgcodec(datas) if self._nv is not None else self._decode_torchvision(datas)
+        return self.resize_crop_batch(images)
+
+    def _decode_nvimgcodec(self, datas: list[bytes]) -> list[torch.Tensor | None]:
+        from nvidia import nvimgcodec
+
+        params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.RGB)
+        stream = torch.cuda.current_stream(self.device)
+        try:
+            decoded = self._nv.decode(datas, params=params, cuda_stream=stream.cuda_stream)
+        except Exception as err:  # noqa: BLE001 - a library error fails none of the images: all take the CPU path
+            log.warning("nvImageCodec failed a batch of %d JPEGs (%s): decoding them on the CPU", len(datas), err)
+            return [None] * len(datas)
+        out: list[torch.Tensor | None] = []
+        for img in decoded:  # (H, W, 3) uint8 on the device, shared through DLPack, ordered on `stream`
+            t = None if img is None else torch.from_dlpack(img)
+            out.append(t.permute(2, 0, 1) if t is not None and t.ndim == 3 and t.shape[2] == 3 else None)
+        return out
+
+    def _decode_torchvision(self, datas: list[bytes]) -> list[torch.Tensor | None]:
         from torchvision.io import ImageReadMode, decode_jpeg
 
         tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
         try:
-            images: list[torch.Tensor | None] = list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=self.device))
+            return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=self.device))
         except RuntimeError:  # one bad file fails the whole batch: retry one by one
-            images = []
+            images: list[torch.Tensor | None] = []
             for t in tensors:
                 try:
                     images.append(decode_jpeg(t, mode=ImageReadMode.RGB, device=self.device))
                 except RuntimeError:
                     images.append(None)
-        return [None if img is None else self.resize_crop(img) for img in images]
+            return images
+
+    def resize_crop_batch(self, images: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """(3, H, W) images to (S, S, 3): one resize call per group of images that share a size."""
+        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for i, img in enumerate(images):
+            if img is not None:
+                groups[tuple(img.shape)].append(i)
+        out: list[torch.Tensor | None] = [None] * len(images)
+        for idx in groups.values():
+            batch = self.resize_crop(torch.stack([images[i] for i in idx]))  # type: ignore[misc]
+            for i, img in zip(idx, batch, strict=True):
+                out[i] = img
+        return out
 
     def decode_or_fallback(self, items: list[Decoded], cpu: LoadConfig) -> list[tuple[Decoded, torch.Tensor | None]]:
         """Each item (a `Decoded` holding JPEG bytes) with its (S, S, 3) pixels on the device.
@@ -68,11 +126,11 @@ class GpuJpegDecoder:
         return out
 
     def resize_crop(self, img: torch.Tensor) -> torch.Tensor:
-        """(3, H, W) uint8 to (S, S, 3) uint8 with the bundle's resize and centre crop."""
+        """(3, H, W) or (N, 3, H, W) uint8 to (S, S, 3) or (N, S, S, 3) with the bundle's resize and crop."""
         pre = self.pre
         if pre.resize_mode == "squash":
             out = TF.resize(img, [pre.size, pre.size], interpolation=self.interpolation, antialias=True)
         else:
             out = TF.center_crop(TF.resize(img, pre.resize_size, interpolation=self.interpolation, antialias=True),
                                  pre.size)
-        return out.permute(1, 2, 0)
+        return out.movedim(-3, -1)

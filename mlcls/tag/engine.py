@@ -1,14 +1,22 @@
 """Batched multi-label inference on one device.
 
 An `Engine` holds a bundle's model on a device and turns a batch of uint8
-pixels into per-class probabilities: normalise on the device, channels-last,
-autocast on CUDA, sigmoid. `get_engine` builds one per process and bundle, so a run of many
-shards pays model load and warm-up once.
+pixels into per-class probabilities: normalise on the device, autocast where
+the hardware computes bf16 natively, sigmoid on the device. `get_engine`
+builds one per process and bundle, so a run of many shards pays model load
+and warm-up once.
+
+`submit` returns before the batch is done on CUDA (copies and forward are
+queued on their own streams, ordered with events), so the caller can prepare
+the next batch while the device works; `Pending.result` waits. On the CPU
+there is nothing to overlap with inside one process, and it runs at once.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,8 +25,11 @@ import torch
 from mlcls.bundle import Bundle
 from mlcls.errors import OptionError
 from mlcls.images.preprocess import Preprocess
+from mlcls.tag.turns import CPU_TURNS
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # native bf16 matmuls; elsewhere bf16 autocast is ~10x slower
+log = logging.getLogger(__name__)
 _ENGINES: dict[tuple, Engine] = {}
 _ENGINES_LOCK = threading.Lock()
 
@@ -40,11 +51,35 @@ def resolve_device(spec: str = "auto") -> torch.device:
     raise OptionError(f"--device {spec!r}: use auto, cpu, cuda or cuda:N")
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32. `auto` is bf16/fp16 on CUDA, fp32 on CPU."""
+def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes bf16 natively (AMX or AVX-512 BF16), read from /proc/cpuinfo's flags.
+
+    Checked at run time, not at install: the same wheel runs on machines
+    with and without these units, and on those without, bf16 is emulated
+    and much slower than fp32 (bench/RESULTS.md).
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
+                  if line.startswith(("flags", "Features")) and ":" in line), [])
+    return any(flag in flags for flag in BF16_CPU_FLAGS)
+
+
+def resolve_precision(precision: str, device: torch.device, cpuinfo: str | None = None) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32.
+
+    `auto` is bf16 (fp16 where bf16 is missing) on CUDA, bf16 on a CPU with
+    native bf16 (`cpu_has_fast_bf16`) and fp32 on other CPUs. bf16 keeps
+    >= 99.5% of label decisions of fp32 on the drift check (bench/RESULTS.md).
+    """
     if precision not in PRECISIONS:
         raise OptionError(f"--precision {precision!r}: use one of {', '.join(PRECISIONS)}")
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+    if precision == "auto" and device.type != "cuda":
+        return torch.bfloat16 if cpu_has_fast_bf16(cpuinfo) else None
+    if precision == "fp32":
         return None
     if precision == "fp16":
         return torch.float16
@@ -70,6 +105,31 @@ class Normaliser:
         return x * self.scale + self.shift
 
 
+class Pending:
+    """A submitted batch's probabilities; `result` waits for the device only when they are needed."""
+
+    def __init__(self, probs: torch.Tensor, done: torch.cuda.Event | None = None) -> None:
+        self._probs, self._done = probs, done
+
+    def result(self) -> np.ndarray:
+        """(N, C) float32 probabilities on the host."""
+        if self._done is not None:
+            self._done.synchronize()
+        return self._probs.numpy()
+
+
+class _Streams:
+    """One CUDA stream each for host-to-device copies, the forward pass and the copy of probabilities back.
+
+    Work is ordered with events, so batch k+1's pixels travel while batch k
+    runs and batch k-1's probabilities come back; the host waits only in
+    `Pending.result`.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.h2d, self.compute, self.d2h = (torch.cuda.Stream(device) for _ in range(3))
+
+
 class Engine:
     """A bundle's model on a device: uint8 batches in, probabilities out."""
 
@@ -82,9 +142,15 @@ class Engine:
         model = bundle.build_model().to(device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
+        if compile:
+            from mlcls.tag.compiling import use_compile_cache
+
+            use_compile_cache()
         self.model = torch.compile(model, dynamic=batch_size is None) if compile else model
         self.normalise = Normaliser(bundle.preprocess, device)
         self.thresholds = np.asarray(bundle.thresholds, dtype=np.float32)
+        self.max_batch: int | None = None  # set by a CUDA out-of-memory error: batches are split to this size
+        self._streams = _Streams(device) if device.type == "cuda" else None
         self._lock = threading.Lock()
 
     @torch.inference_mode()
@@ -99,11 +165,62 @@ class Engine:
 
     def probs(self, pixels: torch.Tensor) -> np.ndarray:
         """(N, H, W, 3) uint8 to (N, C) float32 probabilities (sigmoid, one per class)."""
+        return self.submit(pixels).result()
+
+    def submit(self, pixels: torch.Tensor) -> Pending:
+        """Start the forward pass of (N, H, W, 3) uint8 `pixels` (host or device); see `Pending`."""
         if pixels.shape[0] == 0:
-            return np.zeros((0, len(self.bundle.classes)), dtype=np.float32)
+            return Pending(torch.zeros((0, len(self.bundle.classes)), dtype=torch.float32))
         with self._lock:  # one forward at a time per model: two threads would only fight
-            out = torch.sigmoid(self.logits(pixels))
-        return out.cpu().numpy()
+            while True:
+                try:
+                    return self._submit_split(pixels)
+                except torch.OutOfMemoryError:
+                    if not self._halve(pixels.shape[0]):
+                        raise
+
+    def _halve(self, n: int) -> bool:
+        """Use batches half the size from now on and say so once (the run goes on); False at one image."""
+        current = min(n, self.max_batch or n)
+        if current <= 1:
+            return False
+        if self.max_batch is None:
+            log.warning("out of memory on %s with batches of %d images: carrying on with batches of %d "
+                        "(set --batch-size to choose)", self.device, current, current // 2)
+        self.max_batch = current // 2
+        if self.pad_to:
+            self.pad_to = self.max_batch
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return True
+
+    def _submit_split(self, pixels: torch.Tensor) -> Pending:
+        step = self.max_batch or pixels.shape[0]
+        if step >= pixels.shape[0]:
+            return self._submit_one(pixels)
+        parts = [self._submit_one(pixels[i:i + step]).result() for i in range(0, pixels.shape[0], step)]
+        return Pending(torch.from_numpy(np.concatenate(parts)))
+
+    def _submit_one(self, pixels: torch.Tensor) -> Pending:
+        if self._streams is None:
+            with CPU_TURNS.forward():  # the cores to itself while it runs (mlcls.tag.turns)
+                return Pending(torch.sigmoid(self.logits(pixels)).cpu())
+        s = self._streams
+        s.h2d.wait_stream(torch.cuda.current_stream(self.device))  # pixels decoded on the device are ready
+        with torch.cuda.stream(s.h2d):
+            x = pixels.to(self.device, non_blocking=True)
+        s.compute.wait_stream(s.h2d)
+        x.record_stream(s.compute)
+        with torch.cuda.stream(s.compute):
+            probs = torch.sigmoid(self.logits(x))
+        s.d2h.wait_stream(s.compute)
+        probs.record_stream(s.d2h)
+        with torch.cuda.stream(s.d2h):
+            host = torch.empty(probs.shape, dtype=probs.dtype, pin_memory=True)  # torch's host cache reuses these
+            host.copy_(probs, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(s.d2h)
+        return Pending(host, done)
 
     def labels(self, probs: np.ndarray) -> list[list[str]]:
         """Label sets by per-class thresholds; an empty set is a valid answer."""
@@ -120,6 +237,13 @@ def get_engine(bundle: Bundle, device: str = "auto", **options: Any) -> Engine:
         if engine is None:
             engine = _ENGINES[key] = Engine(bundle, resolved, **options)
         return engine
+
+
+def has_engine(bundle: Bundle, device: str = "auto", **options: Any) -> bool:
+    """Whether `get_engine` with these arguments would return an engine already built."""
+    key = (bundle.digest, str(resolve_device(device)), tuple(sorted(options.items())))
+    with _ENGINES_LOCK:
+        return key in _ENGINES
 
 
 def clear_engines() -> None:

@@ -29,7 +29,9 @@ from mlcls.images.decode import DEFAULT_MAX_PIXELS
 from mlcls.images.gpu import GpuJpegDecoder
 from mlcls.output.parts import ProbsMode, build_table, check_output, file_metadata, write_part
 from mlcls.storage import StorageOptions, join, list_dir, read_file, url_to_fs, write_atomic
-from mlcls.tag.engine import PRECISIONS, Engine, get_engine
+from mlcls.tag import turns
+from mlcls.tag.compiling import parse_compile, should_compile
+from mlcls.tag.engine import PRECISIONS, Engine, Pending, get_engine, has_engine, resolve_device
 from mlcls.tag.loader import Loader, default_decode_workers
 from mlcls.tag.plan import RunPlan, Shard, plan_shards, read_shard, remove_manifests, run_dir
 
@@ -49,7 +51,7 @@ class TagOptions:
     draft: bool = True
     probs: str = "all"
     precision: str = "auto"
-    compile: bool = False
+    compile: str = "auto"  # auto, on or off (`mlcls.tag.compiling.should_compile`); booleans mean on/off
     gpu_decode: float = 1.0
     retry_errors: bool = False  # tag again files with decode/empty/too_large error rows (`read` rows always are)
 
@@ -67,6 +69,10 @@ class TagOptions:
             raise OptionError(f"--gpu-decode must be a share between 0 and 1, not {self.gpu_decode!r}")
         if self.precision not in PRECISIONS:
             raise OptionError(f"--precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        try:
+            object.__setattr__(self, "compile", parse_compile(self.compile))
+        except ValueError as err:
+            raise OptionError(str(err)) from None
         if not isinstance(self.retry_errors, bool):
             raise OptionError(f"--retry-errors is on or off, not {self.retry_errors!r}")
         ProbsMode.parse(self.probs)
@@ -165,10 +171,11 @@ def get_loader(bundle: Bundle, options: TagOptions, engine: Engine, *, remote: b
                storage_options: StorageOptions = None) -> Loader:
     """One decode pool per process and configuration; remote files get more reads in flight."""
     device_type = engine.device.type
-    workers = options.workers or default_decode_workers(device_type)
+    take_turns = device_type == "cpu" and turns.ENABLED
+    workers = options.workers or default_decode_workers(device_type, take_turns)
     io_workers = options.io_workers or (32 if remote else 8)
     gpu = device_type == "cuda" and options.gpu_decode > 0
-    key = (bundle.preprocess, options.batch_size, workers, io_workers, options.max_pixels, options.draft,
+    key = (bundle.preprocess, options.batch_size, workers, io_workers, take_turns, options.max_pixels, options.draft,
            str(engine.device), options.gpu_decode if gpu else 0.0,
            json.dumps(storage_options or {}, sort_keys=True, default=str))
     with _CACHE_LOCK:
@@ -178,14 +185,25 @@ def get_loader(bundle: Bundle, options: TagOptions, engine: Engine, *, remote: b
                 bundle.preprocess, decode_workers=workers, io_workers=io_workers, max_pixels=options.max_pixels,
                 draft=options.draft, storage_options=storage_options, pin_memory=device_type == "cuda",
                 gpu_decoder=GpuJpegDecoder(bundle.preprocess, engine.device) if gpu else None,
-                gpu_share=options.gpu_decode, ring_images=max(1024, 4 * options.batch_size))
+                gpu_share=options.gpu_decode, ring_images=max(1024, 4 * options.batch_size),
+                turns=turns.CPU_TURNS if take_turns else None,
+                # by default threads on CPU (a CPU model is far below their GIL limit); 4+ workers asked for: processes
+                processes=False if take_turns and not options.workers else None)
         return loader
 
 
-def engine_for(bundle: Bundle, options: TagOptions) -> Engine:
-    """The process-wide engine for these options (compiled engines pad every batch to one size)."""
-    return get_engine(bundle, options.device, precision=options.precision, compile=options.compile,
-                      batch_size=options.batch_size if options.compile else None)
+def engine_for(bundle: Bundle, options: TagOptions, images: int = 0) -> Engine:
+    """The process-wide engine for these options; `--compile auto` compiles when `images` make it pay.
+
+    A compiled engine this process already has is used whatever `images`
+    says: its compile is paid. Compiled engines pad every batch to one size.
+    """
+    device = resolve_device(options.device)
+    compiled = dict(precision=options.precision, compile=True, batch_size=options.batch_size)
+    if should_compile(options.compile, device.type, images) or (
+            options.compile == "auto" and has_engine(bundle, options.device, **compiled)):
+        return get_engine(bundle, options.device, **compiled)
+    return get_engine(bundle, options.device, precision=options.precision, compile=False, batch_size=None)
 
 
 def open_run(out: str, model: str | None, options: TagOptions,
@@ -211,21 +229,24 @@ def tag_shard(shard: Shard, *, model: str | None, out: str, options: TagOptions,
     """Tag one shard's files and write its part file; image failures become error rows."""
     started = time.perf_counter()
     bundle = get_bundle(model, storage_options)
-    engine = engine_for(bundle, options)
     records = read_shard(shard, storage_options)
+    engine = engine_for(bundle, options, images=max(len(records), _PLANNED[0]))
     remote = bool(records) and "://" in records[0].uri
     loader = get_loader(bundle, options, engine, remote=remote, storage_options=storage_options)
-    n_classes = len(bundle.classes)
-    probs = np.zeros((len(records), n_classes), dtype=np.float32)
-    decoded = []
+    probs = np.zeros((len(records), len(bundle.classes)), dtype=np.float32)
+    decoded: list = []
+    in_flight: list[tuple[list[int], Pending]] = []  # one batch on the device while the next is prepared
     for batch in loader.batches(records, options.batch_size):
         start = len(decoded)
         order, pixels = loader.device_pixels(batch, engine.device)
-        if order:
-            probs[[start + i for i in order]] = engine.probs(pixels)
+        in_flight.append(([start + i for i in order], engine.submit(pixels)))
+        if len(in_flight) > 1:
+            _collect(probs, *in_flight.pop(0))
         decoded.extend(batch.decoded)  # after device_pixels: a GPU decode failure is replaced by the CPU's result
         failed = len(batch.decoded) - len(order)
         progress.emit(progress.Event("images", count=len(batch.decoded), errors=failed, shard=shard.id))
+    for rows, pending in in_flight:
+        _collect(probs, rows, pending)
     mode = ProbsMode.parse(options.probs)
     meta = file_metadata(model_id=bundle.model_id, digest=bundle.digest, classes=bundle.classes,
                          thresholds=bundle.thresholds, mode=mode)
@@ -237,6 +258,22 @@ def tag_shard(shard: Shard, *, model: str | None, out: str, options: TagOptions,
     result.part, result.seconds = part, time.perf_counter() - started
     progress.emit(progress.Event("shard_done", count=len(records), errors=result.errors, shard=shard.id))
     return result
+
+
+_PLANNED = [0]  # images the last plan in this process counted: the work `--compile auto` weighs
+
+
+def _note_planned(event: progress.Event) -> None:
+    if event.kind == "planned":
+        _PLANNED[0] = event.total
+
+
+progress.subscribe(_note_planned)
+
+
+def _collect(probs: np.ndarray, rows: list[int], pending: Pending) -> None:
+    if rows:
+        probs[rows] = pending.result()
 
 
 def _shard_result(shard: Shard, records, decoded, hits: np.ndarray, classes) -> ShardResult:

@@ -48,9 +48,10 @@ def test_eligibility(tmp_path):
     assert plain_jpeg_size(files["truncated.jpg"], 10**8) is None  # no end marker: PIL reports it
 
 
-def _run(tmp_path, device: torch.device, processes: bool = False):
+def _run(tmp_path, device: torch.device, processes: bool = False, backend: str = "auto"):
     files = _files(tmp_path)
-    loader = Loader(PRE, decode_workers=2, gpu_decoder=GpuJpegDecoder(PRE, device), processes=processes)
+    loader = Loader(PRE, decode_workers=2, gpu_decoder=GpuJpegDecoder(PRE, device, backend=backend),
+                    processes=processes)
     records = [FileRecord(uri=str(tmp_path / name)) for name in files]
     (batch,) = list(loader.batches(records, batch_size=len(records)))
     order, pixels = loader.device_pixels(batch, device)
@@ -79,5 +80,40 @@ def test_gpu_path_logic_with_the_cpu_decoder(tmp_path, processes):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_path_on_cuda(tmp_path):
     files, records, batch, order, pixels = _run(tmp_path, torch.device("cuda"))
+    assert pixels.device.type == "cuda"
+    _check(files, records, batch, order, pixels)
+
+
+def test_same_size_images_are_resized_as_one_batch_with_the_same_result():
+    decoder = GpuJpegDecoder(PRE, torch.device("cpu"), backend="torchvision")
+    rng = np.random.default_rng(3)
+    images = [torch.from_numpy(photo(rng, h, w)).permute(2, 0, 1).contiguous()
+              for h, w in [(90, 120), (90, 120), (120, 90), (90, 120)]]
+    got = decoder.resize_crop_batch([images[0], None, *images[1:]])
+    assert got[1] is None
+    for img, out in zip(images, [got[0], *got[2:]], strict=True):
+        assert out.shape == (64, 64, 3)
+        assert torch.equal(out, decoder.resize_crop(img))  # batched equals one by one
+
+
+def _has_nvimgcodec() -> bool:
+    try:
+        from nvidia import nvimgcodec  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(_has_nvimgcodec(), reason="nvImageCodec is installed here")
+def test_asking_for_nvimgcodec_without_it_says_how_to_install():
+    with pytest.raises(ImportError, match=r"mlcls\[gpu\]"):
+        GpuJpegDecoder(PRE, torch.device("cpu"), backend="nvimgcodec")
+    assert GpuJpegDecoder(PRE, torch.device("cpu")).backend == "torchvision"  # auto falls back
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and _has_nvimgcodec()), reason="needs CUDA and nvImageCodec")
+def test_nvimgcodec_path_on_cuda(tmp_path):
+    files, records, batch, order, pixels = _run(tmp_path, torch.device("cuda"), backend="nvimgcodec")
     assert pixels.device.type == "cuda"
     _check(files, records, batch, order, pixels)

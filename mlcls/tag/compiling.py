@@ -1,0 +1,101 @@
+"""When `torch.compile` pays for itself, and where its work is kept between processes.
+
+Compiling costs tens of seconds once per process and shape; it gains a
+share of each later batch. `--compile auto` (the default) compiles only when
+the planned work is long enough to win that back, with per-device figures
+measured in bench/RESULTS.md. The Inductor cache lives under the user's
+cache directory, so a nightly run, and every fanned-out worker on the same
+machine, pays the full compile once and later ones load its graphs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+COMPILE_MODES = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class CompileCost:
+    """What compiling costs and gains on one kind of device (measured, bench/RESULTS.md)."""
+
+    cold: float  # seconds to compile with an empty cache
+    warm: float  # seconds when an earlier process left its graphs in the cache
+    saving: float  # share of each image's end-to-end time the compiled model saves (0.1: 10% faster)
+
+
+# From bench/RESULTS.md. CPU (2 cores): a cold compile of mobilenet_v3_large took 70 s on a quiet machine and a
+# warm one a quarter of the cold one (48 s against 204 s under load); end to end it gained 10% (the model shares
+# the cores with decoding). CUDA (one H100, ResNet-50 bf16): 24 s cold; 12,100 -> 19,061 img/s model only;
+# the warm figure is the CPU's ratio, not measured there. Auto errs towards not compiling.
+COSTS = {
+    "cpu": CompileCost(cold=70.0, warm=18.0, saving=0.10),
+    "cuda": CompileCost(cold=25.0, warm=8.0, saving=0.35),
+}
+
+
+def cache_dir() -> str:
+    """`$MLCLS_CACHE` or `$XDG_CACHE_HOME/mlcls` or `~/.cache/mlcls`, then `inductor`."""
+    base = os.environ.get("MLCLS_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "mlcls")
+    return os.path.join(base, "inductor")
+
+
+def use_compile_cache() -> str:
+    """Point Inductor's on-disk cache (FX graphs, kernels, AOT autograd) at `cache_dir()`, unless the user chose one.
+
+    torch's default is a folder under /tmp, which a reboot or a fresh
+    container empties; this one survives, so later processes skip most of
+    the compile.
+    """
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache_dir())
+    path = os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def parse_compile(value: object) -> str:
+    """`auto`, `on` or `off`; booleans as on/off (the option was a flag before)."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, str) and value.lower() in COMPILE_MODES:
+        return value.lower()
+    raise ValueError(f"--compile must be auto, on or off, not {value!r}")
+
+
+def cache_is_warm() -> bool:
+    """Whether an earlier process left compiled graphs in the cache (`use_compile_cache`'s folder)."""
+    path = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or cache_dir()
+    try:
+        return any(os.scandir(os.path.join(path, "fxgraph")))
+    except OSError:
+        return False
+
+
+def should_compile(mode: str, device_type: str, images: int, model_rate: float | None = None,
+                   warm: bool | None = None) -> bool:
+    """Whether to compile for `images` planned images in this process.
+
+    `auto` compiles when the time it saves, images / rate × saving, beats
+    the compile (cold, or warm where the cache holds earlier graphs). The
+    rate is the eager model's images/s if known; else a conservative figure
+    per device (a CPU's 50/s, a GPU's 5,000/s).
+    """
+    mode = parse_compile(mode)
+    if mode != "auto":
+        return mode == "on"
+    if device_type not in COSTS or images <= 0:
+        return False
+    return images >= break_even_images(device_type, model_rate, warm)
+
+
+def break_even_images(device_type: str, model_rate: float | None = None, warm: bool | None = None) -> int:
+    """The planned images from which `auto` compiles (for docs and messages)."""
+    cost = COSTS[device_type]
+    rate = model_rate or (5000.0 if device_type == "cuda" else 50.0)
+    seconds = cost.warm if (cache_is_warm() if warm is None else warm) else cost.cold
+    return int(seconds * rate / cost.saving) + 1

@@ -1,0 +1,176 @@
+"""The engine's choices at run time: precision by CPU features, out-of-memory splitting, compile policy."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from mlcls.bundle import load_bundle
+from mlcls.errors import OptionError
+from mlcls.tag import compiling
+from mlcls.tag.engine import Engine, cpu_has_fast_bf16, resolve_precision
+from mlcls.tag.job import TagOptions, engine_for
+
+XEON_AMX = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\nflags\t\t: fpu avx512f avx512_vnni " \
+           "avx512_bf16 amx_bf16 amx_tile amx_int8\n"
+XEON_AVX512 = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512bw avx512_vnni\n"
+EPYC_AVX2 = "processor\t: 0\nflags\t\t: fpu sse avx avx2 fma\n"
+ZEN4 = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n"
+
+
+def test_bf16_is_chosen_only_on_cpus_that_compute_it_natively():
+    assert cpu_has_fast_bf16(XEON_AMX) and cpu_has_fast_bf16(ZEN4)
+    assert not cpu_has_fast_bf16(XEON_AVX512) and not cpu_has_fast_bf16(EPYC_AVX2) and not cpu_has_fast_bf16("")
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu, XEON_AMX) is torch.bfloat16
+    assert resolve_precision("auto", cpu, XEON_AVX512) is None
+    assert resolve_precision("fp32", cpu, XEON_AMX) is None  # asked for: kept
+    assert resolve_precision("bf16", cpu, EPYC_AVX2) is torch.bfloat16
+    with pytest.raises(OptionError):
+        resolve_precision("int8", cpu)
+
+
+def test_this_machine_is_read_without_error():
+    assert isinstance(cpu_has_fast_bf16(), bool)
+
+
+class _Limited(torch.nn.Module):
+    """The bundle's model, failing like a full GPU for batches over `limit` images."""
+
+    def __init__(self, model: torch.nn.Module, limit: int) -> None:
+        super().__init__()
+        self.model, self.limit, self.calls = model, limit, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(x.shape[0])
+        if x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError(f"out of memory: tried a batch of {x.shape[0]} (test model)")
+        return self.model(x)
+
+
+def test_out_of_memory_halves_the_batch_carries_on_and_says_so_once(tiny_bundle, caplog):
+    engine = Engine(load_bundle(tiny_bundle), torch.device("cpu"), precision="fp32")
+    pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (16, 64, 64, 3), dtype=np.uint8))
+    expected = np.concatenate([engine.probs(pixels[i:i + 4]) for i in range(0, 16, 4)])
+    engine.model = limited = _Limited(engine.model, limit=4)
+    with caplog.at_level(logging.WARNING, logger="mlcls.tag.engine"):
+        got = engine.probs(pixels)
+        again = engine.probs(pixels)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    np.testing.assert_allclose(again, expected, atol=1e-5)
+    assert engine.max_batch == 4
+    assert limited.calls[:3] == [16, 8, 4]  # halved twice, then batches of 4 from then on
+    assert set(limited.calls[3:]) == {4}
+    warnings = [r for r in caplog.records if "out of memory" in r.getMessage()]
+    assert len(warnings) == 1 and "batches of 8" in warnings[0].getMessage()
+
+
+def test_out_of_memory_with_one_image_is_raised(tiny_bundle):
+    engine = Engine(load_bundle(tiny_bundle), torch.device("cpu"), precision="fp32")
+    engine.model = _Limited(engine.model, limit=0)
+    with pytest.raises(torch.OutOfMemoryError):
+        engine.probs(torch.zeros((2, 64, 64, 3), dtype=torch.uint8))
+
+
+def test_submit_returns_what_probs_returns(tiny_bundle):
+    engine = Engine(load_bundle(tiny_bundle), torch.device("cpu"), precision="fp32")
+    pixels = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8))
+    pending = engine.submit(pixels)
+    np.testing.assert_array_equal(pending.result(), engine.probs(pixels))
+    assert engine.submit(pixels[:0]).result().shape == (0, 4)
+
+
+def test_compile_option_and_auto_policy(tiny_bundle):
+    assert TagOptions().validate().compile == "auto"
+    assert TagOptions(compile=True).validate().compile == "on"
+    assert TagOptions(compile="OFF").validate().compile == "off"
+    with pytest.raises(OptionError, match="--compile"):
+        TagOptions(compile="sometimes").validate()
+    assert compiling.should_compile("on", "cpu", 1) and not compiling.should_compile("off", "cpu", 10**9)
+    cpu_even = compiling.break_even_images("cpu", warm=False)
+    assert not compiling.should_compile("auto", "cpu", cpu_even - 1, warm=False)
+    assert compiling.should_compile("auto", "cpu", cpu_even, warm=False)
+    assert compiling.break_even_images("cpu", warm=True) < cpu_even  # a warm cache: the compile pays sooner
+    assert compiling.break_even_images("cpu", model_rate=500, warm=False) > cpu_even  # fewer seconds to gain
+    engine = engine_for(load_bundle(tiny_bundle), TagOptions(device="cpu").validate(), images=100)
+    assert engine.pad_to is None and not hasattr(engine.model, "_orig_mod")  # a short shard: eager
+
+
+def test_compile_cache_lives_under_the_users_cache(monkeypatch, tmp_path):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("MLCLS_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert compiling.use_compile_cache() == str(tmp_path / "mlcls" / "inductor")
+    assert (tmp_path / "mlcls" / "inductor").is_dir()
+    assert not compiling.cache_is_warm()
+    (tmp_path / "mlcls" / "inductor" / "fxgraph" / "ab").mkdir(parents=True)  # what an earlier compile leaves
+    assert compiling.cache_is_warm()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert compiling.use_compile_cache() == str(tmp_path / "mine")  # the user's choice wins
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_streams_give_the_cpu_probabilities(tiny_bundle):
+    bundle = load_bundle(tiny_bundle)
+    cpu = Engine(bundle, torch.device("cpu"), precision="fp32")
+    cuda = Engine(bundle, torch.device("cuda"), precision="fp32")
+    rng = np.random.default_rng(2)
+    batches = [torch.from_numpy(rng.integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)) for _ in range(4)]
+    pending = [cuda.submit(b.pin_memory()) for b in batches]  # all in flight before the first wait
+    for b, p in zip(batches, pending, strict=True):
+        np.testing.assert_allclose(p.result(), cpu.probs(b), atol=1e-4)
+
+
+def test_decodes_run_together_and_a_forward_pass_runs_alone():
+    import threading
+
+    from mlcls.tag.turns import Turns
+
+    turns, inside, log = Turns(), threading.Barrier(3), []
+    release = threading.Event()
+
+    def decode(name):
+        with turns.decode():
+            log.append(f"{name} in")
+            inside.wait(timeout=10)  # both decodes are inside at once, or this times out
+            release.wait(timeout=10)
+            log.append(f"{name} out")
+
+    def forward():
+        with turns.forward():
+            log.append("forward")
+
+    def late_decode():
+        with turns.decode():
+            log.append("late in")
+
+    threads = [threading.Thread(target=decode, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    inside.wait(timeout=10)
+    fwd = threading.Thread(target=forward)
+    fwd.start()
+    late = threading.Thread(target=late_decode)  # arrives while the forward pass waits: goes after it
+    fwd.join(timeout=0.3)
+    assert fwd.is_alive() and "forward" not in log  # waits for the decodes under way
+    late.start()
+    release.set()
+    for t in [*threads, fwd, late]:
+        t.join(timeout=10)
+    assert log.index("forward") > max(log.index("a out"), log.index("b out"))
+    assert log.index("late in") > log.index("forward")
+
+
+def test_default_decode_workers_use_the_cores():
+    import os
+
+    from mlcls.tag.loader import default_decode_workers
+
+    cores = os.cpu_count() or 1
+    assert default_decode_workers("cuda") == max(1, cores - 1)  # one core drives the GPU
+    assert default_decode_workers("cpu", take_turns=True) == cores  # in turns with the model
+    assert default_decode_workers("cpu", take_turns=False) == max(1, cores // 2)  # beside it (the default)
