@@ -31,7 +31,6 @@ OUT = os.environ.get("MLCLS_BENCH_DIR", os.path.join(ROOT, "bench", "out"))
 VARIANTS = {  # name: TagOptions overrides
     "fp32": {"draft": False, "precision": "fp32"},
     "draft": {"draft": True, "precision": "fp32"},
-    "draft-turns": {"draft": True, "precision": "fp32"},  # CPU decode in turns with the model (mlcls.tag.turns)
     "compile": {"draft": True, "precision": "fp32", "compile": "on"},
     "gpu-compile": {"draft": True, "precision": "auto", "gpu_decode": 1.0, "compile": "on"},
     "bf16": {"draft": True, "precision": "bf16"},
@@ -237,11 +236,10 @@ def simulate_device(ms: float) -> None:
 
 def child_mlcls(a: argparse.Namespace) -> dict:
     from mlcls import progress
-    from mlcls.tag import job, turns
+    from mlcls.tag import job
 
     if a.simulate_device:
         simulate_device(a.simulate_device)
-    turns.ENABLED = a.turns and not a.simulate_device  # a stand-in device leaves the CPU to decoding
 
     options = job.TagOptions(batch_size=a.batch_size, device=a.device, shard_size=a.shard_size,
                                   workers=a.workers, **json.loads(a.options))
@@ -404,7 +402,6 @@ def main() -> None:
     p.add_argument("--gpu-decode", action="store_true")
     p.add_argument("--loader", choices=["mlcls", "dataloader"], default="mlcls")
     p.add_argument("--with-model", action="store_true", help="DataLoader decode child: run the model too")
-    p.add_argument("--turns", action="store_true", help="CPU decode threads take turns with the model")
     p.add_argument("--processes", action="store_true", help="mlcls decode pool as processes whatever the count")
     p.add_argument("--results", default=os.path.join(ROOT, "bench", "RESULTS.md"), help="where to append the table")
     p.add_argument("--shard-size", type=int, default=100_000)
@@ -519,7 +516,7 @@ def measure(a: argparse.Namespace, common: dict, corpus: str, bundle: str,
             out = os.path.join(OUT, f"run-{name}")
             shutil.rmtree(out, ignore_errors=True)
             r = run_child("mlcls", **common, corpus=corpus, out=out, workers=a.workers,
-                          options=json.dumps(VARIANTS[name]), turns=name.endswith("-turns"))
+                          options=json.dumps(VARIANTS[name]))
             rows.append((f"mlcls end to end, {name}", r))
             if name == "fp32" and "baseline" not in a.skip and "error" not in r:
                 agreement["max |p - baseline| (fp32, no draft)"] = compare_probs(out, base_dir, 80)

@@ -25,7 +25,6 @@ import torch
 from mlcls.bundle import Bundle
 from mlcls.errors import OptionError
 from mlcls.images.preprocess import Preprocess
-from mlcls.tag.turns import CPU_TURNS
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # native bf16 matmuls; elsewhere bf16 autocast is ~10x slower
@@ -203,8 +202,7 @@ class Engine:
 
     def _submit_one(self, pixels: torch.Tensor) -> Pending:
         if self._streams is None:
-            with CPU_TURNS.forward():  # the cores to itself while it runs (mlcls.tag.turns)
-                return Pending(torch.sigmoid(self.logits(pixels)).cpu())
+            return Pending(torch.sigmoid(self.logits(pixels)).cpu())
         s = self._streams
         s.h2d.wait_stream(torch.cuda.current_stream(self.device))  # pixels decoded on the device are ready
         with torch.cuda.stream(s.h2d):

@@ -29,7 +29,6 @@ from mlcls.images.decode import DEFAULT_MAX_PIXELS
 from mlcls.images.gpu import GpuJpegDecoder
 from mlcls.output.parts import ProbsMode, build_table, check_output, file_metadata, write_part
 from mlcls.storage import StorageOptions, join, list_dir, read_file, url_to_fs, write_atomic
-from mlcls.tag import turns
 from mlcls.tag.compiling import parse_compile, should_compile
 from mlcls.tag.engine import PRECISIONS, Engine, Pending, get_engine, has_engine, resolve_device
 from mlcls.tag.loader import Loader, default_decode_workers
@@ -171,11 +170,10 @@ def get_loader(bundle: Bundle, options: TagOptions, engine: Engine, *, remote: b
                storage_options: StorageOptions = None) -> Loader:
     """One decode pool per process and configuration; remote files get more reads in flight."""
     device_type = engine.device.type
-    take_turns = device_type == "cpu" and turns.ENABLED
-    workers = options.workers or default_decode_workers(device_type, take_turns)
+    workers = options.workers or default_decode_workers(device_type)
     io_workers = options.io_workers or (32 if remote else 8)
     gpu = device_type == "cuda" and options.gpu_decode > 0
-    key = (bundle.preprocess, options.batch_size, workers, io_workers, take_turns, options.max_pixels, options.draft,
+    key = (bundle.preprocess, options.batch_size, workers, io_workers, options.max_pixels, options.draft,
            str(engine.device), options.gpu_decode if gpu else 0.0,
            json.dumps(storage_options or {}, sort_keys=True, default=str))
     with _CACHE_LOCK:
@@ -185,10 +183,7 @@ def get_loader(bundle: Bundle, options: TagOptions, engine: Engine, *, remote: b
                 bundle.preprocess, decode_workers=workers, io_workers=io_workers, max_pixels=options.max_pixels,
                 draft=options.draft, storage_options=storage_options, pin_memory=device_type == "cuda",
                 gpu_decoder=GpuJpegDecoder(bundle.preprocess, engine.device) if gpu else None,
-                gpu_share=options.gpu_decode, ring_images=max(1024, 4 * options.batch_size),
-                turns=turns.CPU_TURNS if take_turns else None,
-                # by default threads on CPU (a CPU model is far below their GIL limit); 4+ workers asked for: processes
-                processes=False if take_turns and not options.workers else None)
+                gpu_share=options.gpu_decode, ring_images=max(1024, 4 * options.batch_size))
         return loader
 
 

@@ -27,7 +27,6 @@ import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from itertools import islice
 
@@ -40,18 +39,16 @@ from mlcls.images.load import LoadConfig, decode_one, load_chunk, new_ring, read
 from mlcls.images.preprocess import Preprocess
 from mlcls.sources import FileRecord
 from mlcls.storage import StorageOptions, read_one
-from mlcls.tag.turns import Turns
 
 PROCESS_THRESHOLD = 4  # this many decode workers or more run as processes
 
 
-def default_decode_workers(device_type: str, take_turns: bool = False) -> int:
-    """Feed a GPU with all cores but the one that drives it; on a CPU, decode on every core in turns with
-    the model (`mlcls.tag.turns`), or on half of them beside it."""
+def default_decode_workers(device_type: str) -> int:
+    """Feed a GPU with all cores but the one that drives it; on a CPU, decode on half of them beside the model."""
     cores = os.cpu_count() or 1
     if device_type == "cuda":
         return max(1, cores - 1)
-    return cores if take_turns else max(1, cores // 2)
+    return max(1, cores // 2)
 
 
 @dataclass
@@ -75,7 +72,7 @@ class Loader:
     def __init__(self, preprocess: Preprocess, *, decode_workers: int = 1, io_workers: int = 8,
                  max_pixels: int | None = None, draft: bool = True, storage_options: StorageOptions = None,
                  pin_memory: bool = False, gpu_decoder: GpuJpegDecoder | None = None, gpu_share: float = 1.0,
-                 processes: bool | None = None, ring_images: int = 1024, turns: Turns | None = None) -> None:
+                 processes: bool | None = None, ring_images: int = 1024) -> None:
         self.preprocess = preprocess
         self.config = LoadConfig(preprocess=preprocess, draft=draft,
                                  gpu_share=gpu_share if gpu_decoder is not None else 0.0,
@@ -85,7 +82,6 @@ class Loader:
         self.pin_memory = pin_memory
         self.processes = decode_workers >= PROCESS_THRESHOLD if processes is None else processes
         self.decode_workers = decode_workers
-        self.turns = turns if not self.processes else None  # decode threads take turns with the model
         self._decode_slots = threading.Semaphore(decode_workers)
         self._pool: Executor
         if self.processes:
@@ -102,7 +98,7 @@ class Loader:
             data = read_one(record.uri, self.config.storage_options, record.size)
         except Exception as err:  # noqa: BLE001 - any filesystem error is this file's error
             return read_error(err)
-        with self._decode_slots, (self.turns.decode() if self.turns else nullcontext()):
+        with self._decode_slots:
             return decode_one(data, self.config, record.uri)
 
     def decoded(self, records: Iterable[FileRecord], window: int,

@@ -125,46 +125,6 @@ def test_cuda_streams_give_the_cpu_probabilities(tiny_bundle):
         np.testing.assert_allclose(p.result(), cpu.probs(b), atol=1e-4)
 
 
-def test_decodes_run_together_and_a_forward_pass_runs_alone():
-    import threading
-
-    from mlcls.tag.turns import Turns
-
-    turns, inside, log = Turns(), threading.Barrier(3), []
-    release = threading.Event()
-
-    def decode(name):
-        with turns.decode():
-            log.append(f"{name} in")
-            inside.wait(timeout=10)  # both decodes are inside at once, or this times out
-            release.wait(timeout=10)
-            log.append(f"{name} out")
-
-    def forward():
-        with turns.forward():
-            log.append("forward")
-
-    def late_decode():
-        with turns.decode():
-            log.append("late in")
-
-    threads = [threading.Thread(target=decode, args=(n,)) for n in ("a", "b")]
-    for t in threads:
-        t.start()
-    inside.wait(timeout=10)
-    fwd = threading.Thread(target=forward)
-    fwd.start()
-    late = threading.Thread(target=late_decode)  # arrives while the forward pass waits: goes after it
-    fwd.join(timeout=0.3)
-    assert fwd.is_alive() and "forward" not in log  # waits for the decodes under way
-    late.start()
-    release.set()
-    for t in [*threads, fwd, late]:
-        t.join(timeout=10)
-    assert log.index("forward") > max(log.index("a out"), log.index("b out"))
-    assert log.index("late in") > log.index("forward")
-
-
 def test_default_decode_workers_use_the_cores():
     import os
 
@@ -172,5 +132,4 @@ def test_default_decode_workers_use_the_cores():
 
     cores = os.cpu_count() or 1
     assert default_decode_workers("cuda") == max(1, cores - 1)  # one core drives the GPU
-    assert default_decode_workers("cpu", take_turns=True) == cores  # in turns with the model
-    assert default_decode_workers("cpu", take_turns=False) == max(1, cores // 2)  # beside it (the default)
+    assert default_decode_workers("cpu") == max(1, cores // 2)  # beside the model's threads
