@@ -64,6 +64,16 @@ def _tag_options(args: argparse.Namespace) -> Any:
 
 def cmd_tag(args: argparse.Namespace) -> int:
     _check_fan_out(args)
+    # First: Prefect's local server boots in a subprocess while this one imports torch, checks and loads.
+    server = None if args.no_prefect else _local_server(args.verbose)
+    try:
+        return _tag(args, server)
+    finally:
+        if server is not None:
+            server.release()
+
+
+def _tag(args: argparse.Namespace, server: LocalServer | None) -> int:
     from mlcls.cli.console import print_summary, progress_bar
     from mlcls.sources import check_source
     from mlcls.tag import job
@@ -72,9 +82,6 @@ def cmd_tag(args: argparse.Namespace) -> int:
     options = _tag_options(args)
     resolve_device(options.device)
     check_source(args.source, args.storage_options)  # then bundle and output: all before any work
-    # After the cheap checks: a command that fails on its options or source exits at once, with no server
-    # half-started (that made exits after an error take 13-34 s); it still boots while the bundle loads.
-    server = None if args.no_prefect else _local_server(args.verbose)
     job.open_run(args.out, args.model, options, args.storage_options)
     with progress_bar(enabled=not args.quiet):
         if server is None:
@@ -100,7 +107,7 @@ def _check_fan_out(args: argparse.Namespace) -> None:
 
 
 def _local_server(verbose: bool) -> LocalServer:
-    """Prefect's settings, then its local server booting in the background while the CLI checks and loads."""
+    """Prefect's settings, then its local server booting in a subprocess while the CLI imports, checks and loads."""
     _prefect_env(verbose)
     return LocalServer().start()
 
