@@ -49,6 +49,7 @@ class LocalServer:
         self.started = 0.0
         self.seconds = 0.0  # how long the server took to answer
         self.waited = 0.0  # how much of that the command still waited for
+        self.used = False  # a flow may have run on it: stop it gently, after Prefect's exit-time flushes
         self._log = None
 
     def start(self) -> LocalServer:
@@ -100,6 +101,7 @@ class LocalServer:
                 self._fail(f"it did not answer within {timeout:.0f} s")
             time.sleep(0.1)
         self.waited = time.perf_counter() - started
+        self.used = True
         self.seconds = time.perf_counter() - self.started
         logger.debug("Prefect's local server answered after %.1f s; %.1f s of it spent waiting", self.seconds,
                      self.waited)
@@ -123,11 +125,17 @@ class LocalServer:
         if self.url and os.environ.get("PREFECT_API_URL") == self.url:
             del os.environ["PREFECT_API_URL"]
 
-    def stop(self) -> None:
-        """Terminate the server (at exit, or when it failed); the flow's records stay in Prefect's database."""
+    def stop(self, graceful: bool = True) -> None:
+        """Terminate the server (at exit, or when it failed); the flow's records stay in Prefect's database.
+
+        `graceful=False` kills it at once: after an early error nothing ran on it that needs a clean shutdown.
+        """
         self.release()
         if self.process is not None:
-            self.process.terminate()
+            if graceful:
+                self.process.terminate()
+            else:
+                self.process.kill()
             try:
                 self.process.wait(timeout=5)
             except subprocess.TimeoutExpired:

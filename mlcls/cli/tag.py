@@ -63,11 +63,18 @@ def _tag_options(args: argparse.Namespace) -> Any:
 
 
 def cmd_tag(args: argparse.Namespace) -> int:
+    from mlcls.sources import check_source
+
     _check_fan_out(args)
-    # First: Prefect's local server boots in a subprocess while this one imports torch, checks and loads.
+    check_source(args.source, args.storage_options)  # cheap (no torch yet): a wrong source exits at once
+    # Then Prefect's local server boots in a subprocess while this one imports torch, checks and loads.
     server = None if args.no_prefect else _local_server(args.verbose)
     try:
         return _tag(args, server)
+    except BaseException:
+        if server is not None and not server.used:
+            server.stop(graceful=False)  # an early error: nothing ran on it that needs a clean shutdown
+        raise
     finally:
         if server is not None:
             server.release()
@@ -75,13 +82,11 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
 def _tag(args: argparse.Namespace, server: LocalServer | None) -> int:
     from mlcls.cli.console import print_summary, progress_bar
-    from mlcls.sources import check_source
     from mlcls.tag import job
     from mlcls.tag.engine import resolve_device
 
     options = _tag_options(args)
     resolve_device(options.device)
-    check_source(args.source, args.storage_options)  # then bundle and output: all before any work
     job.open_run(args.out, args.model, options, args.storage_options)
     with progress_bar(enabled=not args.quiet):
         if server is None:
