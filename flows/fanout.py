@@ -88,6 +88,7 @@ def fan_out(shards: Iterable[Shard], *, deployment: str, model: str | None, out:
     watch = _Watch(table, max_attempts, lambda s: _submit(s, deployment, common, run_id),
                    lambda s: results.update(_collect(s, out, run_id, storage_options)))
     last_poll, error = time.monotonic(), None
+    stream.clear(out, run_id, storage_options)
     with get_client(sync_client=True) as client:
         try:
             for seq, shard in enumerate(shards):
@@ -116,7 +117,10 @@ def fan_out(shards: Iterable[Shard], *, deployment: str, model: str | None, out:
     every = [sh for s in table for sh in s.shards]
     results.update(job.load_shard_results(out, run_id, [sh.id for sh in every if sh.id not in results],
                                           storage_options))
-    return [results[sh.id] for sh in every if sh.id in results], [sh.id for sh in every if sh.id not in results]
+    failed = [sh.id for sh in every if sh.id not in results]
+    if not failed:
+        stream.clear(out, run_id, storage_options)
+    return [results[sh.id] for sh in every if sh.id in results], failed
 
 
 def online_workers(deployment: str) -> int:

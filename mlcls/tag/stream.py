@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import asdict
 
 from mlcls.errors import MlclsError
-from mlcls.storage import StorageOptions, join, read_file, url_to_fs, write_atomic
+from mlcls.storage import StorageOptions, join, read_file, remove, url_to_fs, write_atomic
 from mlcls.tag.plan import Shard, run_dir
 
 logger = logging.getLogger(__name__)
@@ -30,6 +30,12 @@ END = "end.json"
 
 def _stream_dir(out: str, run_id: str) -> str:
     return join(run_dir(out, run_id), "stream")
+
+
+def clear(out: str, run_id: str, storage_options: StorageOptions = None) -> None:
+    """Drop a run's stream: before publishing (a parent run again under the same id) and after a clean finish."""
+    fs, base = url_to_fs(_stream_dir(out, run_id), storage_options)
+    remove(fs, base, recursive=True)
 
 
 def publish(out: str, run_id: str, seq: int, shard: Shard, storage_options: StorageOptions = None) -> None:
