@@ -13,7 +13,9 @@ each mode tags the same folder into a fresh output:
 Reports the command's wall time and, for the fan-outs, the per-shard overhead
 on a warm worker (from one shard's last batch to the next shard's first batch,
 logged by each slot run) and how many engines each slot run's process built.
-Output is checked: one row per image in each mode.
+With `--before TREE` (an export of an older commit), the same fan-outs run
+that checkout's code too (one flow run, so one process, per shard). Output is
+checked: one row per image in each mode.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def _server(home: Path) -> tuple[dict[str, str], subprocess.Popen]:
+    home.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api, "PYTHONPATH": str(ROOT),
@@ -110,7 +113,7 @@ def _gaps(lines: list[str]) -> tuple[list[float], list[int], list[int]]:
     medians, builds, shards = [], [], []
     for line in lines:
         m = re.search(r"(\d+) shards tagged.*engines built in this process: (\d+); between shards "
-                      r"(?:median ([\d.]+) s)?", line)
+                      r"(?:.*overhead ([\d.]+) s)?", line)
         if m:
             shards.append(int(m.group(1)))
             builds.append(int(m.group(2)))
@@ -125,6 +128,9 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="fan-out widths to measure")
+    parser.add_argument("--before", default=None, metavar="TREE",
+                        help="also fan out with the code of this checkout (one flow run per shard: "
+                             "--shards-per-run 1), on the same server, for the before/after")
     args = parser.parse_args()
     corpus = Path(tempfile.gettempdir()) / f"mlcls-bench-fanout-{args.images}"
     build_corpus(str(corpus), args.images)
@@ -133,40 +139,59 @@ def main() -> None:
     workers: list[subprocess.Popen] = []
     common = ["--shard-size", str(args.shard_size), "--batch-size", str(args.batch_size), "-q"]
     results = []
+    trees = [("after", ROOT, ["--slots"])] + ([("before", Path(args.before), None)] if args.before else [])
     try:
         _run([str(BIN / "prefect"), "--no-prompt", "work-pool", "create", "mlcls-gpu", "--type", "process"], env)
-        _run([str(BIN / "prefect"), "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml",
-              "--name", "tag-shard"], env)
         out = work / "no-prefect"
         wall, _ = _run([str(BIN / "mlcls"), "tag", str(corpus), "--out", str(out), "--no-prefect", *common], env)
         results.append(("no-prefect (in-process)", wall, None, None, None, out))
-        for width in args.workers:
-            for w in range(len(workers), width):
-                workers.append(_start([str(BIN / "prefect"), "worker", "start", "--pool", "mlcls-gpu", "--name",
-                                       f"w{w}", "--limit", "1"], env, work / f"w{w}.log", work))
-            while _online_workers(env) < width:
+        for label, tree, slots in trees:
+            tree_env = {**env, "PYTHONPATH": str(tree)}
+            _run([str(BIN / "prefect"), "--no-prompt", "deploy", "--prefect-file",
+                  str(tree / "deployments/prefect.yaml"), "--name", "tag-shard"], tree_env)
+            for proc in workers:
+                _stop(proc)
+            workers = []
+            while _online_workers(env):
                 time.sleep(1)
-            out = work / f"fan-out-{width}"
-            since = time.time()
-            wall, _ = _run([str(BIN / "mlcls"), "tag", str(corpus), "--out", str(out), "--fan-out", "deployment",
-                            "--slots", str(width), *common], env)
-            results.append((f"fan-out to {width} worker(s)", wall, *_gaps(_slot_lines(env, since)), out))
+            for width in args.workers:
+                for w in range(len(workers), width):
+                    workers.append(_start([str(BIN / "prefect"), "worker", "start", "--pool", "mlcls-gpu", "--name",
+                                           f"{label}-w{w}", "--limit", "1"], tree_env, work / f"{label}-w{w}.log",
+                                          work))
+                while _online_workers(env) < width:
+                    time.sleep(1)
+                out = work / f"{label}-fan-out-{width}"
+                since = time.time()
+                how = [*slots, str(width)] if slots else ["--shards-per-run", "1"]
+                wall, _ = _run([str(BIN / "mlcls"), "tag", str(corpus), "--out", str(out), "--fan-out",
+                                "deployment", *how, *common], tree_env)
+                results.append((f"{label}: fan-out to {width}", wall, *_gaps(_slot_lines(env, since)), out))
     finally:
         for proc in [*workers, server]:
             _stop(proc)
-    load = Path("/proc/loadavg").read_text().split()[:3]
-    print(f"\n{args.images} images, shard size {args.shard_size}, batch {args.batch_size}; load {' '.join(load)}")
-    print(f"{'mode':<26} {'wall s':>7} {'vs in-process':>13} {'per-shard overhead s (median per slot)':>40} "
-          f"{'engines/slot':>12} {'shards/slot':>12}")
-    base = results[0][1]
-    for name, wall, medians, builds, shards, out in results:
-        rows = pl.read_parquet(f"{out}/*.parquet")
-        assert rows.height == args.images == rows["uri"].n_unique(), f"{name}: {rows.height} rows"
-        overhead = " ".join(f"{m:.2f}" for m in medians) if medians else "-"
-        print(f"{name:<26} {wall:7.1f} {base / wall:13.2f} {overhead:>40} "
-              f"{' '.join(map(str, builds or [])) or '-':>12} {' '.join(map(str, shards or [])) or '-':>12}")
+    _report(args, results)
     if os.environ.get("MLCLS_BENCH_KEEP") is None:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _report(args: argparse.Namespace, results: list) -> None:
+    """The table; 'implied overhead' = (workers x wall - in-process wall) / shards, for both designs alike."""
+    shards = -(-args.images // args.shard_size)
+    load = Path("/proc/loadavg").read_text().split()[:3]
+    print(f"\n{args.images} images, {shards} shards of {args.shard_size}, batch {args.batch_size}; "
+          f"load {' '.join(load)}")
+    print(f"{'mode':<24} {'wall s':>7} {'vs in-process':>13} {'implied overhead s/shard':>24} "
+          f"{'measured overhead s (per slot)':>30} {'engines/slot':>12} {'shards/slot':>12}")
+    base = results[0][1]
+    for name, wall, medians, builds, per_slot, out in results:
+        rows = pl.read_parquet(f"{out}/*.parquet")
+        assert rows.height == args.images == rows["uri"].n_unique(), f"{name}: {rows.height} rows"
+        width = int(name.rsplit(" ", 1)[1]) if "fan-out" in name else 1
+        implied = f"{(width * wall - base) / shards:.2f}" if "fan-out" in name else "-"
+        overhead = " ".join(f"{m:.2f}" for m in medians) if medians else "-"
+        print(f"{name:<24} {wall:7.1f} {base / wall:13.2f} {implied:>24} {overhead:>30} "
+              f"{' '.join(map(str, builds or [])) or '-':>12} {' '.join(map(str, per_slot or [])) or '-':>12}")
 
 
 if __name__ == "__main__":

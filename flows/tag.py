@@ -208,15 +208,21 @@ def tag_shard(
     if failed:
         raise RuntimeError(f"{len(failed)} shards failed ({', '.join(failed[:5])}); the slot is redone")
     return {"slot": slot, "tagged": done, "skipped": skipped, "engines_built": job.engines_built(),
-            "gaps": timing.gaps}
+            "gaps": timing.gaps, "overhead": timing.overhead()}
 
 
 class _ShardTiming:
-    """Per-shard overhead on a warm process: from one shard's last batch to the next shard's first batch."""
+    """Per-shard overhead on a warm process: from one shard's last batch to the next shard's first batch.
+
+    Measured between `images` events, each sent when a batch is done: a gap
+    holds the next shard's first batch as well, so the median time between
+    batches within a shard is reported beside it and taken off.
+    """
 
     def __init__(self) -> None:
         self.gaps: list[float] = []
-        self.last: tuple[str, float] | None = None  # (shard, when its latest batch was done)
+        self.batches: list[float] = []
+        self.last: tuple[str | None, float] | None = None  # (shard, when its latest batch was done)
         self.lock = threading.Lock()
 
     def __call__(self, event: progress.Event) -> None:
@@ -224,15 +230,22 @@ class _ShardTiming:
             return
         now = time.perf_counter()
         with self.lock:
-            if self.last is not None and self.last[0] != event.shard:
-                self.gaps.append(round(now - self.last[1], 3))
+            if self.last is not None:
+                (self.batches if self.last[0] == event.shard else self.gaps).append(round(now - self.last[1], 3))
             self.last = (event.shard, now)
+
+    def overhead(self) -> float | None:
+        """Median gap between shards less the median batch: the time no batch was being worked on."""
+        if not self.gaps:
+            return None
+        return max(0.0, _median(self.gaps) - (_median(self.batches) if self.batches else 0.0))
 
     def describe(self) -> str:
         if not self.gaps:
             return "n/a"
-        ordered = sorted(self.gaps)
-        return f"median {ordered[len(ordered) // 2]:.2f} s, max {ordered[-1]:.2f} s over {len(ordered)} gaps"
+        return (f"median {_median(self.gaps):.2f} s (max {max(self.gaps):.2f} s over {len(self.gaps)} gaps) "
+                f"of which a batch {_median(self.batches) if self.batches else 0.0:.2f} s: overhead "
+                f"{self.overhead():.2f} s")
 
     def __enter__(self) -> _ShardTiming:
         self.unsubscribe = progress.subscribe(self)
@@ -275,6 +288,11 @@ class _progress_logs:
 
     def __exit__(self, *exc: object) -> None:
         self.unsubscribe()
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
 
 
 def failed_images_artifact(out: str, run_id: str, storage_options: dict[str, Any] | None) -> None:
