@@ -30,5 +30,6 @@ COPY deployments ./deployments
 RUN pip install . && useradd --create-home --uid 1000 mlcls
 USER mlcls
 
-# One flow run at a time: one worker per GPU (a concurrency limit guards the device as well).
+# One GPU worker (one per GPU): one slot run at a time, each tagging shard after shard in one warm
+# process (a concurrency limit guards the device as well). README: "Running at scale".
 CMD ["prefect", "worker", "start", "--pool", "mlcls-gpu", "--limit", "1"]

@@ -15,7 +15,7 @@ import os
 import socket
 import threading
 import time
-from dataclasses import asdict
+from collections.abc import Iterable
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
@@ -27,7 +27,7 @@ from prefect.runtime import flow_run
 from flows.logs import route_library_logs
 from mlcls import progress
 from mlcls.output import parts
-from mlcls.tag import job
+from mlcls.tag import job, stream
 from mlcls.tag.plan import RunPlan, Shard
 
 SUMMARY_ARTIFACT = "tag-images-summary"
@@ -37,19 +37,17 @@ SHARD_DEPLOYMENT = "tag-shard/tag-shard"
 PROGRESS_LOG_SECONDS = 15.0
 
 
-@task(name="plan", cache_policy=NONE, retries=1, retry_delay_seconds=5)
-def plan_task(source: str | list[str], out: str, model: str | None, options: dict[str, Any], run_id: str,
-              storage_options: dict[str, Any] | None) -> RunPlan:
-    """List the source, subtract what the output holds, write shard manifests."""
-    logger = get_run_logger()
-    opts = job.TagOptions.from_dict(options)
-    bundle = job.open_run(out, model, opts, storage_options)
-    plan = job.plan_run(source, out, bundle, opts, run_id, storage_options)
-    logger.info("listed %d images: %d already tagged by %s, %d new in %d shards%s%s", plan.listed, plan.done,
-                bundle.model_id, plan.new, len(plan.shards),
-                f" ({plan.skipped} non-image files skipped)" if plan.skipped else "",
-                f" ({plan.duplicates} repeated URIs listed once)" if plan.duplicates else "")
-    return plan
+@task(name="open", cache_policy=NONE, retries=1, retry_delay_seconds=5)
+def open_task(out: str, model: str | None, options: dict[str, Any], storage_options: dict[str, Any] | None) -> str:
+    """Check options, bundle and output before any work; return the model id."""
+    return job.open_run(out, model, job.TagOptions.from_dict(options), storage_options).model_id
+
+
+def log_plan(plan: RunPlan, model_id: str) -> None:
+    get_run_logger().info(
+        "listed %d images: %d already tagged by %s, %d new in %d shards%s%s", plan.listed, plan.done, model_id,
+        plan.new, len(plan.shards), f" ({plan.skipped} non-image files skipped)" if plan.skipped else "",
+        f" ({plan.duplicates} repeated URIs listed once)" if plan.duplicates else "")
 
 
 @task(name="tag-shard", task_run_name="tag-shard-{shard.id}", cache_policy=NONE, retries=2,
@@ -88,7 +86,7 @@ def tag_images(
     storage_options: dict[str, Any] | None = None,
     fan_out: Literal["none", "deployment"] = "none",
     shard_deployment: str = SHARD_DEPLOYMENT,
-    shards_per_run: int = 1,
+    slots: int = 0,
     max_attempts: int = 3,
 ) -> dict[str, Any]:
     """Tag every new or changed image of `source` into the Parquet dataset at `out`.
@@ -96,11 +94,13 @@ def tag_images(
     `model` is a bundle path or URL (default: the embedded demo bundle).
     Images whose rows are `read` errors are always tagged again; with
     `retry_errors`, those with `decode`, `empty` or `too_large` rows too.
-    With `fan_out="none"` shards run one after another in this process; with
-    `"deployment"` they become flow runs of `shard_deployment`
-    (`shards_per_run` shards each) for workers on any machine to pull, and
-    runs that fail or crash are submitted again up to `max_attempts` times
-    (fan-out needs an output every worker can reach, such as S3). A shard
+    Shards are tagged as the listing produces them. With `fan_out="none"`
+    they run one after another in this process; with `"deployment"` they go to
+    `slots` long-lived flow runs of `shard_deployment` (0: one per online
+    worker of its pool) for workers on any machine to pull, each tagging shard
+    after shard in one warm process; slot runs that fail or crash are
+    submitted again up to `max_attempts` times and redo only their untagged
+    shards (fan-out needs an output every worker can reach, such as S3). A shard
     that still fails does not stop the others; the run fails at the end,
     naming it. Returns the run summary.
     """
@@ -111,18 +111,25 @@ def tag_images(
                                   max_pixels=max_pixels, probs=probs, precision=precision, draft=draft,
                                   gpu_decode=gpu_decode, compile=compile, retry_errors=retry_errors).validate()
     run_id = flow_run.get_id() or job.new_run_id()
-    plan = plan_task(source, out, model, options.to_dict(), run_id, storage_options)
-    if fan_out == "deployment" and plan.shards:
+    model_id = open_task(out, model, options.to_dict(), storage_options)
+    if fan_out == "deployment":
+        from flows.fanout import check_deployment
+
+        check_deployment(shard_deployment)
+    bundle = job.get_bundle(model, storage_options)
+    plan, shards = job.stream_run(source, out, bundle, options, run_id, storage_options)
+    if fan_out == "deployment":
         from flows.fanout import fan_out as fan_out_shards
 
-        results, failed = fan_out_shards(plan.shards, deployment=shard_deployment, model=model, out=out,
+        results, failed = fan_out_shards(shards, deployment=shard_deployment, model=model, out=out,
                                          options=options.to_dict(), run_id=run_id, storage_options=storage_options,
-                                         shards_per_run=shards_per_run, max_attempts=max_attempts)
+                                         slots=slots, max_attempts=max_attempts)
     else:
-        results, failed = _run_here(plan, model, out, options, run_id, storage_options)
-    bundle = job.get_bundle(model, storage_options)
+        results, failed = _run_here(shards, model, out, options, run_id, storage_options)
+    # All shard results of this run are in: a step over the whole run (a table commit) goes here.
+    log_plan(plan, model_id)
     summary = job.summarize(plan, results, source=job.describe_source(source), out=out,
-                                 model_id=bundle.model_id, seconds=time.perf_counter() - started,
+                                 model_id=model_id, seconds=time.perf_counter() - started,
                                  failed_shards=failed)
     job.finish_run(summary, storage_options)
     if plan.shards:
@@ -138,12 +145,12 @@ def tag_images(
     return summary.to_dict()
 
 
-def _run_here(plan: RunPlan, model: str | None, out: str, options: job.TagOptions, run_id: str,
+def _run_here(shards: Iterable[Shard], model: str | None, out: str, options: job.TagOptions, run_id: str,
               storage_options: dict[str, Any] | None) -> tuple[list[job.ShardResult], list[str]]:
-    """Shards one after another on this process's device."""
+    """Shards one after another on this process's device, as the planner cuts them."""
     logger = get_run_logger()
     results, failed = [], []
-    for shard in plan.shards:
+    for shard in shards:
         state = tag_shard_task(shard, model, out, options.to_dict(), run_id, storage_options, return_state=True)
         if state.is_completed():
             results.append(state.result())
@@ -155,33 +162,97 @@ def _run_here(plan: RunPlan, model: str | None, out: str, options: job.TagOption
 
 @flow(name="tag-shard", log_prints=False)
 def tag_shard(
-    shards: list[dict[str, Any]],
     out: str,
     run_id: str,
     model: str | None = None,
     options: dict[str, Any] | None = None,
     storage_options: dict[str, Any] | None = None,
+    slot: int = 0,
+    slots: int = 1,
+    shards: list[dict[str, Any]] | None = None,
     device_slot: str | None = None,
-) -> list[dict[str, Any]]:
-    """Tag shards planned by a `tag-images` run (its fan-out), one after another.
+) -> dict[str, Any]:
+    """Tag slot `slot` of `slots` of a `tag-images` run (its fan-out): shard after shard, in this process.
 
+    Follows the run's published shards (`mlcls/tag/stream.py`) until its
+    planner ends, or tags the given `shards`. Skips shards whose results are
+    recorded (a redone slot tags only what its crashed run left), writes each
+    shard's result next to the data, where the parent reads it, and fails at
+    the end if a shard failed, so that the parent submits the slot again.
+    The model, engine and decode pool are built once for all of them.
     Holds the global concurrency limit `device_slot` (default
     `mlcls-device-<host>-<gpu>`) while it works, so two runs never share a
     GPU even when several workers serve one box; create that limit with
-    `prefect gcl create ... --limit 1` (without it, no limit applies). Each
-    shard's result is written next to the data, where the parent reads it.
+    `prefect gcl create ... --limit 1` (without it, no limit applies).
     """
     route_library_logs()
+    logger = get_run_logger()
     opts = job.TagOptions.from_dict(options)
-    slot = device_slot or default_device_slot(opts.device)
-    results = []
-    with concurrency(slot, occupy=1, strict=False):
-        for raw in shards:
-            shard = Shard(**raw)
-            result = tag_shard_task(shard, model, out, opts.to_dict(), run_id, storage_options)
-            job.save_shard_result(out, run_id, result, storage_options)
-            results.append(asdict(result))
-    return results
+    todo = ([Shard(**raw) for raw in shards] if shards is not None
+            else stream.follow(out, run_id, slot, slots, storage_options))
+    timing = _ShardTiming()
+    done, skipped, failed = 0, 0, []
+    with concurrency(device_slot or default_device_slot(opts.device), occupy=1, strict=False), timing:
+        for shard in todo:
+            if job.load_shard_results(out, run_id, [shard.id], storage_options):
+                skipped += 1
+                continue
+            state = tag_shard_task(shard, model, out, opts.to_dict(), run_id, storage_options, return_state=True)
+            if not state.is_completed():
+                failed.append(shard.id)
+                continue
+            job.save_shard_result(out, run_id, state.result(), storage_options)
+            done += 1
+    logger.info("slot %d of %d: %d shards tagged, %d already done; engines built in this process: %d; "
+                "between shards %s", slot, slots, done, skipped, job.engines_built(), timing.describe())
+    if failed:
+        raise RuntimeError(f"{len(failed)} shards failed ({', '.join(failed[:5])}); the slot is redone")
+    return {"slot": slot, "tagged": done, "skipped": skipped, "engines_built": job.engines_built(),
+            "gaps": timing.gaps, "overhead": timing.overhead()}
+
+
+class _ShardTiming:
+    """Per-shard overhead on a warm process: from one shard's last batch to the next shard's first batch.
+
+    Measured between `images` events, each sent when a batch is done: a gap
+    holds the next shard's first batch as well, so the median time between
+    batches within a shard is reported beside it and taken off.
+    """
+
+    def __init__(self) -> None:
+        self.gaps: list[float] = []
+        self.batches: list[float] = []
+        self.last: tuple[str | None, float] | None = None  # (shard, when its latest batch was done)
+        self.lock = threading.Lock()
+
+    def __call__(self, event: progress.Event) -> None:
+        if event.kind != "images":
+            return
+        now = time.perf_counter()
+        with self.lock:
+            if self.last is not None:
+                (self.batches if self.last[0] == event.shard else self.gaps).append(round(now - self.last[1], 3))
+            self.last = (event.shard, now)
+
+    def overhead(self) -> float | None:
+        """Median gap between shards less the median batch: the time no batch was being worked on."""
+        if not self.gaps:
+            return None
+        return max(0.0, _median(self.gaps) - (_median(self.batches) if self.batches else 0.0))
+
+    def describe(self) -> str:
+        if not self.gaps:
+            return "n/a"
+        return (f"median {_median(self.gaps):.2f} s (max {max(self.gaps):.2f} s over {len(self.gaps)} gaps) "
+                f"of which a batch {_median(self.batches) if self.batches else 0.0:.2f} s: overhead "
+                f"{self.overhead():.2f} s")
+
+    def __enter__(self) -> _ShardTiming:
+        self.unsubscribe = progress.subscribe(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.unsubscribe()
 
 
 def default_device_slot(device: str) -> str:
@@ -217,6 +288,11 @@ class _progress_logs:
 
     def __exit__(self, *exc: object) -> None:
         self.unsubscribe()
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
 
 
 def failed_images_artifact(out: str, run_id: str, storage_options: dict[str, Any] | None) -> None:

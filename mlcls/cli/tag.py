@@ -40,11 +40,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="on CUDA, the share of JPEGs decoded on the GPU (nvJPEG); the rest on CPU workers "
                         "(default 1.0)")
     p.add_argument("--fan-out", choices=["none", "deployment"], default="none",
-                   help="deployment: submit shards as flow runs of --shard-deployment for Prefect workers on "
-                        "any machine (needs PREFECT_API_URL and an output all workers reach, e.g. S3)")
+                   help="deployment: hand shards to warm flow runs of --shard-deployment for Prefect workers "
+                        "on any machine (needs PREFECT_API_URL and an output all workers reach, e.g. S3)")
     p.add_argument("--shard-deployment", default="tag-shard/tag-shard", help="deployment that tags shards "
                    "(default: tag-shard/tag-shard from deployments/prefect.yaml)")
-    p.add_argument("--shards-per-run", type=int, default=1, help="shards per fanned-out flow run (default 1)")
+    p.add_argument("--slots", type=int, default=0, help="fanned-out slot runs, each tagging shard after shard in "
+                   "one warm process (default 0: one per online worker of the deployment's pool)")
     add_storage_options(p)
     p.add_argument("--no-prefect", action="store_true", help="run in this process without Prefect (same output)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar; of mlcls's messages only warnings")
@@ -63,18 +64,30 @@ def _tag_options(args: argparse.Namespace) -> Any:
 
 
 def cmd_tag(args: argparse.Namespace) -> int:
-    _check_fan_out(args)
-    from mlcls.cli.console import print_summary, progress_bar
     from mlcls.sources import check_source
+
+    _check_fan_out(args)
+    check_source(args.source, args.storage_options)  # cheap (no torch yet): a wrong source exits at once
+    # Then Prefect's local server boots in a subprocess while this one imports torch, checks and loads.
+    server = None if args.no_prefect else _local_server(args.verbose)
+    try:
+        return _tag(args, server)
+    except BaseException:
+        if server is not None and not server.used:
+            server.stop(graceful=False)  # an early error: nothing ran on it that needs a clean shutdown
+        raise
+    finally:
+        if server is not None:
+            server.release()
+
+
+def _tag(args: argparse.Namespace, server: LocalServer | None) -> int:
+    from mlcls.cli.console import print_summary, progress_bar
     from mlcls.tag import job
     from mlcls.tag.engine import resolve_device
 
     options = _tag_options(args)
     resolve_device(options.device)
-    check_source(args.source, args.storage_options)  # then bundle and output: all before any work
-    # After the cheap checks: a command that fails on its options or source exits at once, with no server
-    # half-started (that made exits after an error take 13-34 s); it still boots while the bundle loads.
-    server = None if args.no_prefect else _local_server(args.verbose)
     job.open_run(args.out, args.model, options, args.storage_options)
     with progress_bar(enabled=not args.quiet):
         if server is None:
@@ -95,12 +108,12 @@ def _check_fan_out(args: argparse.Namespace) -> None:
     if not os.environ.get("PREFECT_API_URL"):
         raise MlclsError("--fan-out deployment needs a Prefect server with workers: set PREFECT_API_URL "
                          "(see 'Running at scale' in the README)")
-    if args.shards_per_run < 1:
-        raise MlclsError(f"--shards-per-run must be at least 1, not {args.shards_per_run}")
+    if args.slots < 0:
+        raise MlclsError(f"--slots must be 0 (one per online worker) or more, not {args.slots}")
 
 
 def _local_server(verbose: bool) -> LocalServer:
-    """Prefect's settings, then its local server booting in the background while the CLI checks and loads."""
+    """Prefect's settings, then its local server booting in a subprocess while the CLI imports, checks and loads."""
     _prefect_env(verbose)
     return LocalServer().start()
 
@@ -146,4 +159,4 @@ def _call_flow(tag_images: Any, args: argparse.Namespace, options: Any) -> dict[
                       draft=options.draft, gpu_decode=options.gpu_decode, compile=options.compile,
                       retry_errors=options.retry_errors, storage_options=args.storage_options,
                       fan_out=args.fan_out, shard_deployment=args.shard_deployment,
-                      shards_per_run=args.shards_per_run)
+                      slots=args.slots)

@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
@@ -32,7 +32,7 @@ from mlcls.storage import StorageOptions, join, list_dir, read_file, url_to_fs, 
 from mlcls.tag.compiling import parse_compile, should_compile
 from mlcls.tag.engine import PRECISIONS, Engine, Pending, get_engine, has_engine, resolve_device
 from mlcls.tag.loader import Loader, default_decode_workers
-from mlcls.tag.plan import RunPlan, Shard, plan_shards, read_shard, remove_manifests, run_dir
+from mlcls.tag.plan import RunPlan, Shard, iter_shards, read_shard, remove_manifests, run_dir
 
 _ERROR_SAMPLE = 20
 
@@ -197,8 +197,21 @@ def engine_for(bundle: Bundle, options: TagOptions, images: int = 0) -> Engine:
     compiled = dict(precision=options.precision, compile=True, batch_size=options.batch_size)
     if should_compile(options.compile, device.type, images) or (
             options.compile == "auto" and has_engine(bundle, options.device, **compiled)):
-        return get_engine(bundle, options.device, **compiled)
-    return get_engine(bundle, options.device, precision=options.precision, compile=False, batch_size=None)
+        engine = get_engine(bundle, options.device, **compiled)
+    else:
+        engine = get_engine(bundle, options.device, precision=options.precision, compile=False, batch_size=None)
+    with _CACHE_LOCK:
+        _ENGINES_SEEN.add(id(engine))
+    return engine
+
+
+_ENGINES_SEEN: set[int] = set()
+
+
+def engines_built() -> int:
+    """How many engines this process has built for shards: a warm worker logs it to show it built one."""
+    with _CACHE_LOCK:
+        return len(_ENGINES_SEEN)
 
 
 def open_run(out: str, model: str | None, options: TagOptions,
@@ -212,11 +225,28 @@ def open_run(out: str, model: str | None, options: TagOptions,
 
 def plan_run(source: str | Sequence[str], out: str, bundle: Bundle, options: TagOptions, run_id: str,
              storage_options: StorageOptions = None, limit: int | None = None) -> RunPlan:
-    """List and subtract; emits `planned` with the number of images to tag."""
-    plan = plan_shards(source, out, bundle.model_id, shard_size=options.shard_size, run_id=run_id,
-                       storage_options=storage_options, limit=limit, retry_errors=options.retry_errors)
-    progress.emit(progress.Event("planned", total=plan.new))
+    """List and subtract all of it before returning; emits `planned` with the number of images to tag."""
+    plan, shards = stream_run(source, out, bundle, options, run_id, storage_options, limit)
+    for _ in shards:
+        pass
     return plan
+
+
+def stream_run(source: str | Sequence[str], out: str, bundle: Bundle, options: TagOptions, run_id: str,
+               storage_options: StorageOptions = None, limit: int | None = None) -> tuple[RunPlan, Iterator[Shard]]:
+    """The plan's running totals, and its shards as the listing produces them (`planned` emitted at the end).
+
+    Consume the iterator while tagging: the first shard starts while a long
+    listing goes on, and only the shards' ids and counts are held in memory.
+    """
+    plan = RunPlan(run_id=run_id)
+
+    def shards() -> Iterator[Shard]:
+        yield from iter_shards(source, out, bundle.model_id, plan, shard_size=options.shard_size,
+                               storage_options=storage_options, limit=limit, retry_errors=options.retry_errors)
+        progress.emit(progress.Event("planned", total=plan.new))
+
+    return plan, shards()
 
 
 def tag_shard(shard: Shard, *, model: str | None, out: str, options: TagOptions, run_id: str,
@@ -338,9 +368,10 @@ def tag_images(source: str | Sequence[str], out: str, model: str | None = None, 
     options = options or TagOptions()
     run_id = run_id or new_run_id()
     bundle = open_run(out, model, options, storage_options)
-    plan = plan_run(source, out, bundle, options, run_id, storage_options)
+    plan, shards = stream_run(source, out, bundle, options, run_id, storage_options)
     results = [tag_shard(s, model=model, out=out, options=options, run_id=run_id,
-                         storage_options=storage_options) for s in plan.shards]
+                         storage_options=storage_options) for s in shards]
+    # All shard results of this run are in: a step over the whole run (a table commit) goes here.
     summary = summarize(plan, results, source=describe_source(source), out=out, model_id=bundle.model_id,
                         seconds=time.perf_counter() - started)
     finish_run(summary, storage_options)

@@ -149,30 +149,53 @@ def plan_shards(source: str | Sequence[str], out: str, model_id: str, *, shard_s
                 storage_options: StorageOptions = None, limit: int | None = None,
                 retry_errors: bool = False) -> RunPlan:
     """List `source`, drop repeats and what `out` holds for `model_id`, write shard manifests; return the plan."""
+    plan = RunPlan(run_id=run_id)
+    for _ in iter_shards(source, out, model_id, plan, shard_size=shard_size, storage_options=storage_options,
+                         limit=limit, retry_errors=retry_errors):
+        pass
+    return plan
+
+
+def iter_shards(source: str | Sequence[str], out: str, model_id: str, plan: RunPlan, *, shard_size: int,
+                storage_options: StorageOptions = None, limit: int | None = None,
+                retry_errors: bool = False) -> Iterator[Shard]:
+    """Yield each shard as soon as its manifest is written, while the listing goes on.
+
+    So the first shard is tagged while a listing of hours is still running.
+    `plan` holds the running totals (and the shards so far); they are final
+    when the generator is exhausted. The done identities are read once, before
+    the first file is listed: a shard's content never depends on when it was cut.
+    """
     done = read_identities(out, model_id, storage_options, retry_errors=retry_errors)
     done_keys = np.unique(identity_keys(done))
-    plan = RunPlan(run_id=run_id)
+    del done
     stats = ListingStats()
     seen = SeenKeys()
     pending: list[pa.Table] = []
     pending_rows = 0
-    for listed in _chunks(iter_source(source, storage_options, stats), _CHUNK, limit):
+    for listed in _chunks(iter_source(source, storage_options, stats), min(_CHUNK, shard_size), limit):
         chunk = listed.filter(pa.array(seen.first(uri_keys(listed))))
         plan.duplicates += listed.num_rows - chunk.num_rows
         plan.listed += chunk.num_rows
         keys = identity_keys(chunk)
         new = chunk.filter(pa.array(~np.isin(keys, done_keys, assume_unique=False)))
         plan.done += chunk.num_rows - new.num_rows
+        plan.skipped = stats.skipped
         pending.append(new)
         pending_rows += new.num_rows
         while pending_rows >= shard_size:
             table = pa.concat_tables(pending)
-            plan.shards.append(_write_shard(out, run_id, model_id, table.slice(0, shard_size), storage_options))
             pending, pending_rows = [table.slice(shard_size)], table.num_rows - shard_size
-    if pending_rows:
-        plan.shards.append(_write_shard(out, run_id, model_id, pa.concat_tables(pending), storage_options))
+            yield _add_shard(plan, _write_shard(out, plan.run_id, model_id, table.slice(0, shard_size),
+                                                storage_options))
     plan.skipped = stats.skipped
-    return plan
+    if pending_rows:
+        yield _add_shard(plan, _write_shard(out, plan.run_id, model_id, pa.concat_tables(pending), storage_options))
+
+
+def _add_shard(plan: RunPlan, shard: Shard) -> Shard:
+    plan.shards.append(shard)
+    return shard
 
 
 def _chunks(records: Iterator[FileRecord], size: int, limit: int | None) -> Iterator[pa.Table]:

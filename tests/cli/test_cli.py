@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import polars as pl
@@ -122,26 +123,47 @@ def test_tag_asks_prefect_for_the_library_loggers_and_keeps_the_users_own(monkey
     assert os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"] == "dask,scipy,mlcls"
 
 
-def test_local_server_is_not_started_when_an_api_url_is_set(monkeypatch):
-    from mlcls.cli.local_server import LocalServer
+def test_local_server_is_not_started_when_an_api_url_is_set(monkeypatch, tmp_path):
+    from mlcls.cli.local_server import LocalServer, profile_api_url
 
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
     server = LocalServer().start()
-    assert server._thread is None
+    assert server.process is None
     server.wait()  # nothing to wait for
+    monkeypatch.delenv("PREFECT_API_URL")
+    monkeypatch.setenv("PREFECT_PROFILES_PATH", str(tmp_path / "profiles.toml"))
+    (tmp_path / "profiles.toml").write_text('active = "team"\n[profiles.team]\n'
+                                            'PREFECT_API_URL = "http://prefect:4200/api"\n')
+    assert profile_api_url() == "http://prefect:4200/api"
+    assert LocalServer().start().process is None and "PREFECT_API_URL" not in os.environ
 
 
-def test_local_server_that_cannot_start_is_one_line(monkeypatch):
-    from prefect.server.api import server as prefect_server
-
+def test_local_server_boots_answers_and_stops(monkeypatch, tmp_path):
     from mlcls.cli.local_server import LocalServer
-    from mlcls.errors import MlclsError
-
-    def refuse(self, timeout=None):
-        raise RuntimeError("Timed out while attempting to connect to ephemeral Prefect API server.\nstdout: ...")
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    monkeypatch.setattr(prefect_server.SubprocessASGIServer, "start", refuse)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PREFECT_PROFILES_PATH", str(tmp_path / "none.toml"))
     server = LocalServer().start()
-    with pytest.raises(MlclsError, match=r"^could not start Prefect's local server \(Timed out [^\n]*\); set"):
+    try:
+        assert os.environ["PREFECT_API_URL"] == server.url
+        server.wait()
+        assert server.seconds >= server.waited > 0
+        with urllib.request.urlopen(f"{server.url}/health", timeout=5) as answer:
+            assert answer.status == 200
+        process = server.process
+    finally:
+        server.stop()
+    assert process.poll() is not None  # terminated, not left behind
+
+
+def test_local_server_that_cannot_start_is_one_line(monkeypatch, tmp_path):
+    from mlcls.cli import local_server
+    from mlcls.errors import MlclsError
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("PREFECT_PROFILES_PATH", str(tmp_path / "none.toml"))
+    monkeypatch.setattr(local_server.sys, "executable", "/bin/false")  # exits at once, code 1
+    server = local_server.LocalServer().start()
+    with pytest.raises(MlclsError, match=r"^could not start Prefect's local server \(it exited with code 1\); set"):
         server.wait()

@@ -92,3 +92,26 @@ def test_fan_out_fails_fast_without_the_shard_deployment(tmp_path, tiny_bundle, 
         tag_images(source=str(tmp_path / "src"), out=str(tmp_path / "out"), model=tiny_bundle,
                    fan_out="deployment", shard_deployment="nope/nope")
     assert not list_parts(str(tmp_path / "out"))
+
+
+def test_slot_runs_follow_the_published_shards_and_redo_only_the_missing(tmp_path, tiny_bundle, prefect_api):
+    from flows.tag import tag_shard
+    from mlcls.tag import job, stream
+
+    write_images(tmp_path / "src", 9)
+    src, out = str(tmp_path / "src"), str(tmp_path / "out")
+    opts = job.TagOptions(batch_size=2, shard_size=2)
+    plan, shards = job.stream_run(src, out, job.open_run(out, tiny_bundle, opts), opts, "r1")
+    for seq, shard in enumerate(shards):
+        stream.publish(out, "r1", seq, shard)
+    stream.publish_end(out, "r1", len(plan.shards))
+    assert [s.count for s in plan.shards] == [2, 2, 2, 2, 1]
+    job.save_shard_result(out, "r1", job.ShardResult(shard=plan.shards[1].id))  # tagged before a crash
+    one = tag_shard(out=out, run_id="r1", model=tiny_bundle, options=opts.to_dict(), slot=1, slots=2)
+    assert (one["tagged"], one["skipped"]) == (1, 1)  # shards 1 and 3: only 3 is tagged again
+    zero = tag_shard(out=out, run_id="r1", model=tiny_bundle, options=opts.to_dict(), slot=0, slots=2)
+    assert (zero["tagged"], zero["skipped"]) == (3, 0) and len(zero["gaps"]) == 2  # shards 0, 2, 4
+    assert zero["engines_built"] == one["engines_built"]  # the second slot run reused the first one's engine
+    df = pl.read_parquet(f"{out}/*.parquet")
+    assert df.height == 7 and df["uri"].n_unique() == 7
+    assert set(job.load_shard_results(out, "r1", [s.id for s in plan.shards])) == {s.id for s in plan.shards}

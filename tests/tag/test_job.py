@@ -46,6 +46,37 @@ def test_plan_cuts_stable_shards_and_subtracts_done(tmp_path, tiny_bundle):
     assert other.shards[0].id != a.shards[0].id
 
 
+class _RecordingList(list):
+    """A URI list that notes the order of events: each URI read, and each shard's first tagged batch."""
+
+    def __init__(self, uris: list[str], events: list[str]) -> None:
+        super().__init__(uris)
+        self.events = events
+
+    def __iter__(self):
+        for uri in super().__iter__():
+            self.events.append("read")
+            yield uri
+
+
+def test_first_shard_is_tagged_while_the_listing_goes_on(tmp_path, tiny_bundle):
+    from mlcls import progress
+
+    uris = [str(p) for p in write_images(tmp_path / "src", 25)]
+    events: list[str] = []
+    unsubscribe = progress.subscribe(lambda e: events.append(e.kind) if e.kind in ("images", "planned") else None)
+    try:
+        summary = tag_images(_RecordingList(uris, events), str(tmp_path / "out"), tiny_bundle, OPTS)
+    finally:
+        unsubscribe()
+    assert (summary.new, summary.images, summary.shards) == (25, 25, 3)
+    reads = [i for i, kind in enumerate(events) if kind == "read"]
+    first_tagged, last_read = events.index("images"), reads[24]  # the listing's last URI (the summary reads again)
+    assert first_tagged < last_read, "the first shard must be tagged before the listing ends"
+    assert events.index("planned") > last_read  # the totals come at the end
+    assert _rows(tmp_path / "out")["uri"].n_unique() == 25
+
+
 def test_incremental_runs_tag_only_new_or_changed_files(tmp_path, tiny_bundle):
     src, out = tmp_path / "src", tmp_path / "out"
     write_images(src, 23)
