@@ -16,12 +16,10 @@ says how, never at the first batch.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from importlib import resources
 from typing import Any
 
 import torch
@@ -30,6 +28,19 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from mlcls.bundle_meta import (  # noqa: F401 - re-exported: the names bundle users import from here
+    DEMO_NAME,
+    FORMAT,
+    FORMAT_VERSION,
+    META_FILE,
+    WEIGHTS_FILE,
+    bundle_folder,
+    demo_bundle_url,
+    digest_of,
+    read_bundle_file,
+    read_meta,
+    resolve_model,
+)
 from mlcls.errors import BundleError
 from mlcls.images.preprocess import Preprocess
 from mlcls.storage import (
@@ -37,18 +48,11 @@ from mlcls.storage import (
     describe_os_error,
     is_local,
     join,
-    probe,
     read_bytes,
     read_file,
     url_to_fs,
     write_atomic,
 )
-
-FORMAT = "mlcls-bundle"
-FORMAT_VERSION = 1
-META_FILE = "bundle.json"
-WEIGHTS_FILE = "model.safetensors"
-DEMO_NAME = "demo"
 
 
 @dataclass(frozen=True)
@@ -149,35 +153,12 @@ def _mismatch(err: RuntimeError, state_dict: dict[str, torch.Tensor], model: nn.
     return "; ".join(parts) or str(err).splitlines()[0]
 
 
-def demo_bundle_url() -> str:
-    """The bundled demo model shipped in the package."""
-    return str(resources.files("mlcls.demo") / "bundle")
-
-
-def resolve_model(model: str | None) -> str:
-    """`None` or `"demo"` means the embedded demo bundle; anything else is a path or URL."""
-    return demo_bundle_url() if model in (None, "", DEMO_NAME) else model
-
-
-def digest_of(meta: dict[str, Any], weights: bytes) -> str:
-    """Content hash of a bundle: canonical JSON (formatting-proof) plus the weight bytes."""
-    h = hashlib.sha256(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
-    h.update(hashlib.sha256(weights).digest())
-    return h.hexdigest()[:16]
-
-
 def load_bundle(url: str | None, storage_options: StorageOptions = None) -> Bundle:
     """Load and validate the bundle at `url` (a folder, or its `bundle.json`)."""
-    url = resolve_model(url)
-    if url.rstrip("/").endswith(META_FILE):
-        url = url.rstrip("/")[: -len(META_FILE)].rstrip("/")
-    try:
-        probe(url, storage_options)
-    except OSError as err:
-        raise BundleError(f"cannot read bundle {url}: {describe_os_error(err)}") from err
-    meta = _read_meta(url, storage_options)
+    url = bundle_folder(url)
+    meta = read_meta(url, storage_options)
     bundle_from_meta(meta, where=url)  # a malformed bundle.json fails before the weights are read
-    weights = _read(url, meta.get("weights", WEIGHTS_FILE), storage_options)
+    weights = read_bundle_file(url, meta.get("weights", WEIGHTS_FILE), storage_options)
     bundle = bundle_from_meta(meta, where=url, digest=digest_of(meta, weights))
     try:
         state_dict = load_safetensors(weights)
@@ -191,35 +172,6 @@ def load_bundle(url: str | None, storage_options: StorageOptions = None) -> Bund
 def _as_float32(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Half-precision weights are a storage format; models run from float32."""
     return {k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v for k, v in state_dict.items()}
-
-
-def _read(url: str, name: str, storage_options: StorageOptions) -> bytes:
-    """A bundle file's bytes, as long as the store says it is (a short read is read again, never
-    taken for a malformed bundle); what fails to parse after that is malformed, and fails at once."""
-    try:
-        fs, base = url_to_fs(url, storage_options)
-        return read_file(fs, join(base, name))
-    except FileNotFoundError:
-        if name == META_FILE:
-            raise BundleError(f"no {META_FILE} in {url}: not an mlcls bundle "
-                              "(make one with `mlcls bundle create`)") from None
-        raise BundleError(f"bundle {url} has no weights file {name}") from None
-    except (OSError, ValueError, ImportError) as err:
-        raise BundleError(f"cannot read bundle {url}: {describe_os_error(err)}") from err
-
-
-def _read_meta(url: str, storage_options: StorageOptions) -> dict[str, Any]:
-    raw = _read(url, META_FILE, storage_options)
-    try:
-        meta = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BundleError(f"{META_FILE} in {url} is not valid JSON: {err}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise BundleError(f"{META_FILE} in {url} is not an mlcls bundle (no \"format\": \"{FORMAT}\")")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise BundleError(f"bundle {url} has format version {meta['format_version']}; this mlcls "
-                          f"reads up to {FORMAT_VERSION}: upgrade mlcls")
-    return meta
 
 
 def bundle_from_meta(meta: dict[str, Any], *, where: str, digest: str = "") -> Bundle:

@@ -64,10 +64,12 @@ def _tag_options(args: argparse.Namespace) -> Any:
 
 
 def cmd_tag(args: argparse.Namespace) -> int:
+    from mlcls.bundle_meta import bundle_folder, read_meta
     from mlcls.sources import check_source
 
     _check_fan_out(args)
     check_source(args.source, args.storage_options)  # cheap (no torch yet): a wrong source exits at once
+    read_meta(bundle_folder(args.model), args.storage_options)  # and so does a --model that is not a bundle
     # Then Prefect's local server boots in a subprocess while this one imports torch, checks and loads.
     server = None if args.no_prefect else _local_server(args.verbose)
     try:
