@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(BIN)/mlcls tag examples/images --out tags/
-	$(BIN)/python -c "import polars as pl; print(pl.read_parquet('tags/*.parquet').select('uri', 'labels', 'error').sort('uri'))"
+	$(BIN)/python -c "import polars as pl; print(pl.read_delta('tags/').select('uri', 'labels', 'error').sort('uri'))"
 
 test: setup
 	$(BIN)/python -m pytest -q

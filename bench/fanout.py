@@ -185,7 +185,7 @@ def _report(args: argparse.Namespace, results: list) -> None:
           f"{'measured overhead s (per slot)':>30} {'engines/slot':>12} {'shards/slot':>12}")
     base = results[0][1]
     for name, wall, medians, builds, per_slot, out in results:
-        rows = pl.read_parquet(f"{out}/*.parquet")
+        rows = pl.read_delta(str(out))
         assert rows.height == args.images == rows["uri"].n_unique(), f"{name}: {rows.height} rows"
         width = int(name.rsplit(" ", 1)[1]) if "fan-out" in name else 1
         implied = f"{(width * wall - base) / shards:.2f}" if "fan-out" in name else "-"

@@ -9,7 +9,10 @@
 real run: 100 classes by default, class frequencies from common to rare,
 per-class thresholds, model-like probabilities (most near 0, positives high),
 0.3% error rows of several kinds, and 1% of the images re-tagged by a later
-incremental run (a second row for the same uri with a newer `tagged_at`).
+incremental run (a newer row for the same uri). Each run's parts are
+committed to the Delta table as `mlcls tag` commits them; the re-tag commit
+rewrites the files that held the superseded rows, and `generate` prints
+what each commit took.
 
 `measure` runs each command in its own process (wall seconds, and peak RSS
 from `resource.getrusage` in a helper that runs nothing else) and prints a
@@ -33,7 +36,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from mlcls.images.decode import Decoded  # noqa: E402
-from mlcls.output.parts import ProbsMode, build_table, file_metadata, write_part  # noqa: E402
+from mlcls.output.commit import commit_parts  # noqa: E402
+from mlcls.output.parts import ProbsMode, build_table, file_metadata, part_name, write_part  # noqa: E402
 from mlcls.sources import FileRecord  # noqa: E402
 
 ERROR_KINDS = ("decode: cannot identify image file", "empty: zero bytes", "too_large: 120000000 pixels",
@@ -65,13 +69,21 @@ def write_dataset(out: str, *, rows: int, classes: int = 100, parts: int = 10, s
     per_part = -(-rows // parts)
     retag = rng.choice(rows, size=int(rows * retag_share), replace=False)
     chunks = [np.arange(p * per_part, min(rows, (p + 1) * per_part)) for p in range(parts)] + [np.sort(retag)]
+    runs: dict[str, list[str]] = {}
     for p, ids in enumerate(chunks):
         if len(ids) == 0:
             continue
+        run = f"run-{p // parts}"
         table = _part_table(rng, ids, names, thresholds, prevalence, mode, meta, error_share,
-                            tagged_at=start + timedelta(hours=p), run_id=f"run-{p // parts}")
-        write_part(out, f"bench{p:04d}", table)
-    return {"rows": rows + len(retag), "images": rows, "classes": classes, "parts": len(chunks)}
+                            tagged_at=start + timedelta(hours=p), run_id=run)
+        runs.setdefault(run, []).append(write_part(out, part_name(f"bench{p:04d}", run), table))
+    commits = []
+    for run, files in runs.items():
+        started = time.perf_counter()
+        result = commit_parts(out, run, files)
+        commits.append((run, len(files), result.superseded, result.rewritten, round(time.perf_counter() - started, 2)))
+    return {"rows": rows, "images": rows, "classes": classes, "parts": len(chunks),
+            "commits (run, files, superseded rows, files rewritten, s)": commits}
 
 
 def _part_table(rng, ids, names, thresholds, prevalence, mode, meta, error_share, *, tagged_at, run_id):

@@ -40,7 +40,7 @@ def rows(out: str, storage_options: dict) -> list[tuple]:
     """(uri, labels, error) of every stored row, sorted: what must not depend on the faults."""
     from mlcls.output.reader import OutputTable
 
-    df = OutputTable.open(out, storage_options).scan(all_rows=True).select("uri", "labels", "error").collect()
+    df = OutputTable.open(out, storage_options).scan().select("uri", "labels", "error").collect()
     return sorted((r["uri"], tuple(r["labels"] or ()), r["error"]) for r in df.iter_rows(named=True))
 
 

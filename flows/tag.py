@@ -26,7 +26,7 @@ from prefect.runtime import flow_run
 
 from flows.logs import route_library_logs
 from mlcls import progress
-from mlcls.output import parts
+from mlcls.output import table
 from mlcls.tag import job, stream
 from mlcls.tag.plan import RunPlan, Shard
 
@@ -65,6 +65,16 @@ def tag_shard_task(shard: Shard, model: str | None, out: str, options: dict[str,
     for uri, error in result.error_sample:
         logger.warning("could not tag %s: %s", uri, error)
     return result
+
+
+@task(name="commit", cache_policy=NONE, retries=3, retry_delay_seconds=5)
+def commit_task(out: str, run_id: str, results: list[job.ShardResult],
+                storage_options: dict[str, Any] | None) -> job.CommitResult:
+    """Add the run's parts to the output's Delta table in one commit; a retry after a landed commit does nothing."""
+    committed = job.commit_run(out, run_id, results, storage_options)
+    get_run_logger().info("output table version %s: %d part files added, %d superseded rows left it",
+                          committed.version, committed.added, committed.superseded)
+    return committed
 
 
 @flow(name="tag-images", log_prints=False)
@@ -126,11 +136,11 @@ def tag_images(
                                          slots=slots, max_attempts=max_attempts)
     else:
         results, failed = _run_here(shards, model, out, options, run_id, storage_options)
-    # All shard results of this run are in: a step over the whole run (a table commit) goes here.
+    committed = commit_task(out, run_id, results, storage_options)
     log_plan(plan, model_id)
     summary = job.summarize(plan, results, source=job.describe_source(source), out=out,
                                  model_id=model_id, seconds=time.perf_counter() - started,
-                                 failed_shards=failed)
+                                 failed_shards=failed, committed=committed)
     job.finish_run(summary, storage_options)
     if plan.shards:
         create_table_artifact(key=SUMMARY_ARTIFACT, table=summary_table(summary),
@@ -297,7 +307,7 @@ def _median(values: list[float]) -> float:
 
 def failed_images_artifact(out: str, run_id: str, storage_options: dict[str, Any] | None) -> None:
     """List the images this run could not tag (read back from the output, capped) in the UI."""
-    rows, total = parts.read_errors(out, run_id, FAILED_IMAGES_SHOWN, storage_options)
+    rows, total = table.read_errors(out, run_id, FAILED_IMAGES_SHOWN, storage_options)
     more = f" (the first {len(rows)}; all are rows with an `error` in the dataset)" if total > len(rows) else ""
     create_table_artifact(key=FAILED_ARTIFACT, table=[{"uri": u, "error": e} for u, e in rows],
                           description=f"**{total}** images could not be tagged{more}.")
@@ -311,6 +321,8 @@ def summary_table(summary: job.RunSummary) -> list[dict[str, Any]]:
         {"item": "errors", "value": summary.errors},
         {"item": "already tagged (skipped)", "value": summary.already_done},
         {"item": "images/s", "value": round(summary.images_per_second, 1)},
+        {"item": "output table version", "value": summary.version},
+        {"item": "superseded rows (re-tagged images)", "value": summary.superseded},
     ]
     rows += [{"item": f"error: {kind}", "value": n} for kind, n in summary.error_kinds.items()]
     rows += [{"item": f"label: {label}", "value": n} for label, n in summary.label_counts.items()]
@@ -320,7 +332,7 @@ def summary_table(summary: job.RunSummary) -> list[dict[str, Any]]:
 def summary_markdown(summary: job.RunSummary) -> str:
     lines = [f"**{summary.images}** images from `{summary.source}` tagged by `{summary.model}` into "
              f"`{summary.out}`: {summary.tagged} tagged, {summary.errors} errors, "
-             f"{summary.images_per_second:.1f} images/s."]
+             f"{summary.images_per_second:.1f} images/s; Delta table version {summary.version}."]
     if summary.error_sample:
         lines.append("\nFailed files (first few):\n")
         lines += [f"- `{uri}`: {error}" for uri, error in summary.error_sample[:10]]

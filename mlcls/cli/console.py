@@ -126,7 +126,10 @@ def print_summary(summary: RunSummary, wall: float | None = None) -> None:
     out_console.print(
         f"[bold]tagged {summary.tagged} of {summary.new} new images[/bold] in {summary.seconds:.1f} s "
         f"({summary.images_per_second:.1f} images/s), {summary.errors} errors, "
-        f"{summary.already_done} already tagged -> {summary.out}")
+        f"{summary.already_done} already tagged -> {summary.out}"
+        + (f" (Delta table version {summary.version}"
+           + (f", {summary.superseded} older rows replaced)" if summary.superseded else ")")
+           if summary.version is not None else ""))
     if summary.label_counts:
         top = ", ".join(f"{label} {n}" for label, n in list(summary.label_counts.items())[:12])
         out_console.print(f"labels: {top}")

@@ -41,12 +41,12 @@ def _add_query(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--not-label", action="append", default=[], help="not tagged with this class (repeatable)")
     p.add_argument("--min-prob", type=float, default=None,
                    help="each --label's probability at least this (without --label: some class's)")
-    p.add_argument("--sql", default=None, help="a DuckDB query over the views tags and tags_all")
+    p.add_argument("--sql", default=None, help="a DuckDB query over the view tags (one row per image)")
     p.add_argument("--limit", type=int, default=None, help=f"at most N rows (table: {TABLE_DEFAULT_ROWS} unless set)")
     p.add_argument("--format", choices=FORMATS, default="table", help="table (default), csv, json or parquet")
     p.add_argument("--out", dest="result", default=None, metavar="FILE",
                    help="write the result to FILE (path or URL) instead of standard output")
-    p.add_argument("--all-rows", action="store_true", help="read every stored row, superseded ones included")
+    _add_version(p)
     add_storage_options(p)
     p.set_defaults(handler=cmd_query)
 
@@ -57,19 +57,28 @@ def _add_stats(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", type=int, default=30, help="labels to list, most frequent first (0: all)")
     p.add_argument("--pairs", type=int, default=10, help="co-occurring label pairs to list (default 10)")
     p.add_argument("--format", choices=("table", "json"), default="table")
-    p.add_argument("--all-rows", action="store_true", help="count every stored row, superseded ones included")
+    _add_version(p)
     add_storage_options(p)
     p.set_defaults(handler=cmd_stats)
 
 
+def _add_version(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--version", type=int, default=None, metavar="N",
+                   help="read the table as of version N (time travel: e.g. the tags an earlier model gave)")
+
+
 def _add_compact(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("compact", help="merge small part files and drop superseded rows, crash-safe",
-                       description="Merge small part files of OUT and keep only the newest row per image. "
-                                   "Every query answers the same before, during and after; an interrupted "
-                                   "compact is finished (or rolled back) by the next one.")
+    p = sub.add_parser("compact", help="the Delta table's maintenance: merge small files, vacuum, checkpoint",
+                       description="Merge small files of OUT's Delta table (optimize), delete files no version "
+                                   "within --retention-hours refers to (vacuum), and write a checkpoint. "
+                                   "Readers see the same rows before, during and after. An output written "
+                                   "before mlcls kept a Delta table becomes one first, its files as they are.")
     p.add_argument("out", metavar="OUT", help="output folder or URL that mlcls tag wrote")
     p.add_argument("--target-size", type=int, default=256, metavar="MB",
-                   help="size of merged parts; parts under half of it are merged (default 256)")
+                   help="target size of merged files (default 256)")
+    p.add_argument("--retention-hours", type=float, default=168,
+                   help="keep files versions of the last H hours need, for time travel and running readers "
+                        "(default 168, Delta's 7 days)")
     add_storage_options(p)
     p.set_defaults(handler=cmd_compact)
 
@@ -89,12 +98,12 @@ def cmd_query(args: argparse.Namespace) -> int:
     from mlcls.output.query import LabelQuery, check_sql_args, count_matches, label_query, sql
     from mlcls.output.reader import OutputTable
 
-    check_sql_args(args.sql, [args.label, args.not_label, args.min_prob is not None], all_rows=args.all_rows)
+    check_sql_args(args.sql, [args.label, args.not_label, args.min_prob is not None])
     if args.format == "parquet" and not args.result:
         raise OptionError("--format parquet needs --out FILE")
     q = LabelQuery(labels=tuple(args.label), not_labels=tuple(args.not_label), min_prob=args.min_prob,
-                   limit=args.limit, all_rows=args.all_rows).validate()
-    dataset = OutputTable.open(args.out, args.storage_options)
+                   limit=args.limit).validate()
+    dataset = OutputTable.open(args.out, args.storage_options, version=args.version)
     table_default = args.format == "table" and args.limit is None and not args.result
     if args.sql is not None:
         limit = TABLE_DEFAULT_ROWS + 1 if table_default else args.limit
@@ -181,7 +190,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from mlcls.output.reader import OutputTable
     from mlcls.output.stats import compute_stats
 
-    stats = compute_stats(OutputTable.open(args.out, args.storage_options), pairs=args.pairs, all_rows=args.all_rows)
+    stats = compute_stats(OutputTable.open(args.out, args.storage_options, version=args.version), pairs=args.pairs)
     if args.format == "json":
         print(json.dumps(stats.to_dict(), indent=1))
         return 0
@@ -193,8 +202,7 @@ def format_stats(stats: Any, *, labels: int) -> str:
     """The `mlcls stats` text: totals, error kinds, a label table, top pairs."""
     errors = sum(stats.errors.values())
     kinds = ", ".join(f"{k} {n:,}" for k, n in stats.errors.items())
-    lines = [f"output     {stats.out}: {stats.parts} part files, {stats.rows_stored:,} rows stored, "
-             f"{stats.superseded:,} superseded",
+    lines = [f"output     {stats.out}: Delta table version {stats.version}, {stats.parts} part files",
              "models     " + ", ".join(f"{m} ({n:,})" for m, n in stats.models.items()),
              f"images     {stats.images:,}: {stats.tagged:,} tagged, {errors:,} errors"
              + (f" ({kinds})" if kinds else ""),
@@ -219,16 +227,12 @@ def format_stats(stats: Any, *, labels: int) -> str:
 def cmd_compact(args: argparse.Namespace) -> int:
     from mlcls.output.compact import compact
 
-    r = compact(args.out, args.storage_options, target_bytes=args.target_size * 2**20)
-    for message in r.recovered:
-        print(message)
-    if r.parts_after == r.parts_before and r.rows_after == r.rows_before:
-        print(f"{r.out} is already compact: {r.parts_after} part files, {r.rows_after:,} rows")
-    else:
-        print(f"compacted {r.out}: {r.parts_before} -> {r.parts_after} part files, {r.rows_before:,} -> "
-              f"{r.rows_after:,} rows ({r.dropped:,} superseded rows dropped) in {r.seconds:.1f} s")
-    for name in r.kept_changed:
-        print(f"kept {name}: it was rewritten while compacting (a retried shard); run compact again to merge it")
+    r = compact(args.out, args.storage_options, target_bytes=args.target_size * 2**20,
+                retention_hours=args.retention_hours)
+    if r.adopted:
+        print(f"{r.out} is now a Delta table: {r.adopted} part files committed as they were")
+    print(f"compacted {r.out}: {r.files_before} -> {r.files_after} files, {r.rows:,} rows, version {r.version}; "
+          f"vacuumed {r.vacuumed} files older than {args.retention_hours:g} h; {r.seconds:.1f} s")
     return 0
 
 

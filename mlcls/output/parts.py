@@ -23,23 +23,17 @@ from datetime import datetime
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mlcls.errors import OptionError, OutputError
 from mlcls.images.decode import Decoded
-from mlcls.images.load import READ_KIND
 from mlcls.sources import FileRecord
 from mlcls.storage import (
     StorageOptions,
     describe_os_error,
     full_uri,
     join,
-    list_files,
-    probe,
-    remove,
     retrying,
-    stat,
     url_to_fs,
     write_atomic,
 )
@@ -169,8 +163,10 @@ def _probs_column(probs: np.ndarray, classes: Sequence[str], failed: np.ndarray,
     return pa.MapArray.from_arrays(pa.array(offsets), keys, items, mask=mask)
 
 
-def part_name(shard_id: str) -> str:
-    return f"part-{shard_id}.parquet"
+def part_name(shard_id: str, run_id: str) -> str:
+    """A part's file name: unique per run, so a later run never overwrites a file the table already holds
+    (a Delta table's files are immutable), while a retried shard of the same run overwrites its own."""
+    return f"part-{shard_id}-{run_id}.parquet"
 
 
 def dictionary_columns(schema: pa.Schema) -> list[str]:
@@ -185,54 +181,23 @@ def dictionary_columns(schema: pa.Schema) -> list[str]:
     return names
 
 
-def write_part(out: str, shard_id: str, table: pa.Table, storage_options: StorageOptions = None) -> str:
-    """Write one shard's table as a part file, atomically; return its URI."""
+def part_bytes(table: pa.Table) -> bytes:
+    """A table as Parquet bytes, with the settings every mlcls file uses (parts and rewritten parts alike)."""
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd", row_group_size=max(1, min(len(table), 100_000)),
                    use_dictionary=dictionary_columns(table.schema))
+    return buf.getvalue()
+
+
+def write_part(out: str, name: str, table: pa.Table, storage_options: StorageOptions = None) -> str:
+    """Write a table as the part file `name` under `out`, atomically; return its URI."""
     fs, base = url_to_fs(out, storage_options)
-    path = join(base, part_name(shard_id))
+    path = join(base, name)
     try:
-        write_atomic(fs, path, buf.getvalue())
+        write_atomic(fs, path, part_bytes(table))
     except OSError as err:
         raise OutputError(f"cannot write {full_uri(fs, path)}: {describe_os_error(err)}") from err
     return full_uri(fs, path)
-
-
-def list_parts(out: str, storage_options: StorageOptions = None) -> list[str]:
-    """Paths of the dataset's Parquet files as stored now (hidden and `_`-prefixed entries are not data)."""
-    fs, base = url_to_fs(out, storage_options)
-    paths = list_files(fs, base)
-    data = []
-    for p in paths:
-        rel = p[len(base):].lstrip("/")
-        if p.endswith(".parquet") and not any(part[:1] in "._" for part in rel.split("/")):
-            data.append(p)
-    return sorted(data)
-
-
-def read_identities(out: str, model_id: str, storage_options: StorageOptions = None, *,
-                    retry_errors: bool = False) -> pa.Table:
-    """`uri`, `etag`, `mtime` of every row `model_id` already wrote that counts as done, read column-wise.
-
-    A `read` error row is not done: the file was never seen (storage failed
-    after the retries), so the next run tries it again. Other error rows
-    (`decode`, `empty`, `too_large`) are the file's own: done, unless
-    `retry_errors`.
-    """
-    import pyarrow.dataset as ds
-
-    empty = pa.table({"uri": pa.array([], pa.string()), "etag": pa.array([], pa.string()),
-                      "mtime": pa.array([], TIMESTAMP)})
-    parts = list_parts(out, storage_options)
-    if not parts:
-        return empty
-    fs, _ = url_to_fs(out, storage_options)
-    error = ds.field("error")
-    keep = error.is_null() if retry_errors else error.is_null() | ~pc.starts_with(error, pattern=f"{READ_KIND}:")
-    condition = (ds.field("model") == model_id) & keep
-    table = read_dataset(fs, parts, ["uri", "etag", "mtime"], condition, f"read the output {out}")
-    return table if table.num_rows else empty
 
 
 def read_dataset(fs, parts: list[str], columns: list[str], condition, what: str) -> pa.Table:
@@ -248,45 +213,6 @@ def read_dataset(fs, parts: list[str], columns: list[str], condition, what: str)
         raise OutputError(f"cannot {what}: {describe_os_error(err)}") from err
 
 
-def read_errors(out: str, run_id: str, limit: int = 1000,
-                storage_options: StorageOptions = None) -> tuple[list[tuple[str, str]], int]:
-    """Up to `limit` (uri, error) rows a run wrote, and how many there are in all.
-
-    Read back from the parts rather than collected in memory, so a run with
-    millions of images (on many machines) still lists what it could not tag.
-    """
-    import pyarrow.dataset as ds
-
-    parts = list_parts(out, storage_options)
-    if not parts:
-        return [], 0
-    fs, _ = url_to_fs(out, storage_options)
-    condition = (ds.field("run_id") == run_id) & ds.field("error").is_valid()
-    table = read_dataset(fs, parts, ["uri", "error"], condition, f"read the errors of {out}").sort_by("uri")
-    rows = list(zip(table["uri"].to_pylist()[:limit], table["error"].to_pylist()[:limit], strict=True))
-    return rows, table.num_rows
-
-
-def check_output(out: str, classes: Sequence[str], mode: ProbsMode, storage_options: StorageOptions = None) -> None:
-    """Fail before any work if `out` cannot be written or holds tags of other classes."""
-    try:
-        probe(out, storage_options)
-        fs, base = url_to_fs(out, storage_options)
-        info = stat(fs, base)
-        if info is not None and info.get("type") == "file":
-            raise OutputError(f"output {out} is a file; give a folder or prefix")
-        path = join(base, INTERNAL_DIR, ".write-probe")
-        write_atomic(fs, path, b"")
-        remove(fs, path)
-        parts = list_parts(out, storage_options)
-    except OutputError:
-        raise
-    except (OSError, ValueError, ImportError) as err:
-        raise OutputError(f"cannot write to output {out}: {describe_os_error(err)}") from err
-    if parts:
-        _check_compatible(fs, parts[0], out, classes, mode)
-
-
 def read_footer_meta(fs, part: str) -> dict:
     """The `mlcls` metadata of a part's footer ({} if none); the footer is read again after a bad read."""
     def read() -> dict[bytes, bytes]:
@@ -298,13 +224,3 @@ def read_footer_meta(fs, part: str) -> dict:
     except (OSError, pa.ArrowException) as err:
         raise OutputError(f"cannot read {full_uri(fs, part)}: {describe_os_error(err)}") from err
     return json.loads(meta[META_KEY]) if META_KEY in meta else {}
-
-
-def _check_compatible(fs, part: str, out: str, classes: Sequence[str], mode: ProbsMode) -> None:
-    existing = read_footer_meta(fs, part)
-    if existing.get("classes") not in (None, list(classes)):
-        raise OutputError(f"output {out} holds tags for other classes ({len(existing['classes'])} classes, "
-                          f"e.g. {', '.join(existing['classes'][:3])}); write this model's tags to another --out")
-    if (existing.get("probs", "all") == "all") != (mode.kind == "all"):
-        raise OutputError(f"output {out} was written with --probs {existing['probs']}; its probs column "
-                          f"cannot hold --probs {mode}: use the same kind, or another --out")

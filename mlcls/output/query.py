@@ -34,7 +34,6 @@ class LabelQuery:
     not_labels: tuple[str, ...] = ()
     min_prob: float | None = None
     limit: int | None = None
-    all_rows: bool = False
 
     def validate(self) -> LabelQuery:
         if self.min_prob is not None and not 0.0 <= self.min_prob <= 1.0:
@@ -49,7 +48,7 @@ class LabelQuery:
 def matches(dataset: OutputTable, q: LabelQuery) -> pl.LazyFrame:
     """The matching rows, unsorted and unlimited: `uri`, `labels`, one `p_<label>` per --label, `error`."""
     dataset.check_labels([*q.labels, *q.not_labels])
-    lf = dataset.scan(all_rows=q.all_rows)
+    lf = dataset.scan()
     condition = pl.lit(True)
     for label in q.labels:
         condition &= pl.col("labels").list.contains(label)
@@ -89,32 +88,21 @@ def _max_prob(dataset: OutputTable) -> pl.Expr:
 
 
 def duckdb_connection(dataset: OutputTable):  # -> duckdb.DuckDBPyConnection (imported lazily: a heavy module)
-    """An in-memory DuckDB with views `tags` (newest row per image) and `tags_all` (every stored row)."""
+    """An in-memory DuckDB with the view `tags`: the table version's rows, one per image.
+
+    The view reads the version's file list with `read_parquet`, which needs
+    no DuckDB extension (its `delta` extension is downloaded on first use, and
+    mlcls runs offline too); the list is the Delta log's, so the answer is
+    `delta_scan`'s.
+    """
     import duckdb
 
     con = duckdb.connect()
     if not is_local(dataset.fs):
         con.register_filesystem(dataset.fs)
     files = "[" + ", ".join(_sql_string(u) for u in dataset.part_uris) + "]"
-    con.execute(f"create view tags_all as select * from read_parquet({files})")
-    hidden = superseded_by_file(dataset)
-    if hidden.num_rows == 0:
-        con.execute("create view tags as select * from tags_all")
-        return con
-    con.register("_mlcls_superseded", hidden)
-    con.execute(f"create view tags as select * exclude (filename, file_row_number) from read_parquet({files}, "
-                "filename = true, file_row_number = true) t anti join _mlcls_superseded s "
-                "on t.filename = s.filename and t.file_row_number = s.row")
+    con.execute(f"create view tags as select * from read_parquet({files})")
     return con
-
-
-def superseded_by_file(dataset: OutputTable) -> pa.Table:
-    """The superseded rows as (filename, row within that file): DuckDB numbers rows per file."""
-    names, rows = [], []
-    for index, local in dataset.superseded_by_part().items():
-        names += [dataset.part_uris[index]] * len(local)
-        rows += local.tolist()
-    return pa.table({"filename": pa.array(names, pa.string()), "row": pa.array(rows, pa.int64())})
 
 
 def sql(dataset: OutputTable, statement: str, *, limit: int | None = None) -> pa.Table:
@@ -168,9 +156,7 @@ def _sql_string(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def check_sql_args(statement: str | None, label_args: Sequence[object], *, all_rows: bool = False) -> None:
+def check_sql_args(statement: str | None, label_args: Sequence[object]) -> None:
     """--sql says everything itself: refuse the options it would silently ignore."""
     if statement is not None and any(label_args):
         raise OptionError("--sql cannot be combined with --label, --not-label or --min-prob: put them in the SQL")
-    if statement is not None and all_rows:
-        raise OptionError("--all-rows does not apply to --sql: query the view tags_all for every stored row")

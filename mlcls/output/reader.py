@@ -1,24 +1,11 @@
-"""The output dataset as its readers see it: part files, classes, and one reading rule.
+"""The output table as its readers see it: the current version's files, its classes, lazy scans.
 
-Rows for the same uri pile up when an image is tagged again (an incremental
-run after the file changed, a newer model into the same output, the moment
-between a `compact` writing merged parts and deleting the ones it merged).
-Every reader in mlcls (query, `--sql`'s `tags` view, stats, report, compact)
-applies one rule, so they all answer alike before and after `compact`:
-
-    an image's row is its newest: the latest `tagged_at`, then the greatest
-    `run_id`, then `model`, then the last in part order (part files sorted
-    by path, rows in file order).
-
-The other rows are *superseded*: stored until `mlcls compact` drops them,
-never counted. `--all-rows` (and the `tags_all` view) read every stored row.
-
-Finding superseded rows costs two passes over the `uri` column: the first
-keeps a 64-bit hash per row (8 bytes a row, whatever the class count: 80 MB
-for 10 million rows) to find the hashes that repeat; the second keeps only
-the rows with those hashes. The result is a sorted array of global row
-numbers (parts in order, rows in file order) that the polars scan, the
-Arrow batches, DuckDB and compact all skip.
+The output is a Delta Lake table (`mlcls.output.table`) whose current
+version holds exactly one row per image: a re-tagged image's older row left
+it in the commit that added the newer one. So mlcls reads the version's file
+list and nothing else: no rule of its own, and the same rows that
+`pl.scan_delta`, `deltalake`, DuckDB and Spark read. An earlier version (the
+tags of an earlier model) is `OutputTable.open(out, version=N)`.
 """
 
 from __future__ import annotations
@@ -39,7 +26,8 @@ import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
 from mlcls.errors import OptionError, OutputError
-from mlcls.output.parts import BAD_READ, list_parts, read_footer_meta
+from mlcls.output.parts import BAD_READ
+from mlcls.output.table import legacy_parts, open_table, table_meta, table_paths
 from mlcls.storage import (
     StorageOptions,
     describe_os_error,
@@ -52,8 +40,6 @@ from mlcls.storage import (
     url_to_fs,
 )
 
-NEWEST_FIRST = ("tagged_at", "run_id", "model", "_row")
-
 
 @dataclass
 class OutputTable:
@@ -64,12 +50,13 @@ class OutputTable:
     parts: list[str]
     meta: dict[str, Any]
     storage_options: StorageOptions = None
-    _superseded: np.ndarray | None = field(default=None, repr=False)
+    version: int = 0
+    schema: pa.Schema = field(default_factory=lambda: pa.schema([]))  # the table's: every class any version had
     _row_counts: list[int] | None = field(default=None, repr=False)
 
     @classmethod
-    def open(cls, out: str, storage_options: StorageOptions = None) -> OutputTable:
-        """Open `out`, or raise `OutputError` naming what is missing."""
+    def open(cls, out: str, storage_options: StorageOptions = None, version: int | None = None) -> OutputTable:
+        """Open `out`'s current version (or `version`), or raise `OutputError` naming what is missing."""
         try:
             probe(out, storage_options)
             fs, base = url_to_fs(out, storage_options)
@@ -78,12 +65,18 @@ class OutputTable:
                 raise OutputError(f"output not found: {out}")
             if info.get("type") == "file":
                 raise OutputError(f"output {out} is a file; give the folder or prefix that mlcls tag wrote")
-            parts = list_parts(out, storage_options)
+            table = open_table(out, storage_options, version)
+            if table is None and legacy_parts(out, storage_options):
+                raise OutputError(f"output {out} was written before mlcls kept a Delta table: run mlcls compact "
+                                  f"{out} once to make it one (its files are committed as they are)")
+            parts = [] if table is None else table_paths(table, out, storage_options)
         except (OSError, ValueError, ImportError) as err:
             raise OutputError(f"cannot read output {out}: {describe_os_error(err)}") from err
         if not parts:
-            raise OutputError(f"output {out} holds no tags (no part files); run mlcls tag SOURCE --out {out} first")
-        return cls(out=out, fs=fs, parts=parts, meta=_read_meta(fs, parts[0], out), storage_options=storage_options)
+            raise OutputError(f"output {out} holds no tags; run mlcls tag SOURCE --out {out} first")
+        return cls(out=out, fs=fs, parts=parts, meta=table_meta(table, out, storage_options),
+                   storage_options=storage_options, version=table.version(),
+                   schema=pa.schema(table.schema().to_arrow()))
 
     @property
     def classes(self) -> list[str]:
@@ -112,12 +105,6 @@ class OutputTable:
                     f"classes are e.g. {', '.join(self.meta['classes'][:5])}"
                 raise OptionError(f"unknown label {label!r}: no class of {self.out} has that name ({hint})")
 
-    def superseded(self) -> np.ndarray:
-        """Sorted global row numbers of the rows the reading rule hides (computed once)."""
-        if self._superseded is None:
-            self._superseded = _find_superseded(self)
-        return self._superseded
-
     def row_counts(self) -> list[int]:
         """Rows per part, from the footers (read concurrently: one small request each on an object store)."""
         if self._row_counts is None:
@@ -128,17 +115,8 @@ class OutputTable:
                 self._row_counts = list(pool.map(count, self.parts))
         return self._row_counts
 
-    def superseded_by_part(self) -> dict[int, np.ndarray]:
-        """The superseded rows as {part index: sorted row numbers within that part}."""
-        rows = self.superseded()
-        if not len(rows):
-            return {}
-        starts = np.concatenate([[0], np.cumsum(self.row_counts())[:-1]])
-        part = np.searchsorted(starts, rows, side="right") - 1
-        return {int(i): rows[part == i] - starts[i] for i in np.unique(part)}
-
-    def scan(self, *, all_rows: bool = False) -> pl.LazyFrame:
-        """A lazy polars scan under the reading rule, with each class's probability as a column `p_<class>`.
+    def scan(self) -> pl.LazyFrame:
+        """A lazy polars scan of the version's rows, with each class's probability as a column `p_<class>`.
 
         A polars IO source over the part files: polars hands it the columns a
         plan needs and its filter, and it reads only those Parquet columns,
@@ -153,27 +131,26 @@ class OutputTable:
 
         def source(with_columns: list[str] | None, predicate: pl.Expr | None, n_rows: int | None,
                    batch_size: int | None) -> Iterator[pl.DataFrame]:
-            return self._frames(list(with_columns or schema), predicate, n_rows, batch_size, all_rows)
+            return self._frames(list(with_columns or schema), predicate, n_rows, batch_size)
 
         return register_io_source(source, schema=schema, is_pure=True, explain_name="mlcls",
                                   explain_detail=f"{len(self.parts)} parts of {self.out}")
 
     def polars_schema(self) -> dict[str, pl.DataType]:
         """The columns of `scan()`: the files' columns, then `p_<class>` for every class."""
-        arrow = self.read_part(self.parts[0], lambda pf: pf.schema_arrow)
-        schema = dict(pl.from_arrow(arrow.empty_table()).schema)
+        schema = dict(pl.from_arrow(self.schema.empty_table()).schema)
         return schema | {prob_name(c): pl.Float32() for c in self.classes}
 
     def _frames(self, columns: list[str], predicate: pl.Expr | None, n_rows: int | None,
-                batch_size: int | None, all_rows: bool) -> Iterator[pl.DataFrame]:
+                batch_size: int | None) -> Iterator[pl.DataFrame]:
         needed = list(dict.fromkeys([*columns, *(predicate.meta.root_names() if predicate is not None else [])]))
         probs = [c[2:] for c in needed if c.startswith("p_") and c[2:] in self.thresholds]
         read = [c for c in needed if not c.startswith("p_")]
         if probs and "probs" not in read:
             read += ["probs"] if self.bounded else [f"probs.{c}" for c in probs]
         left = n_rows
-        for batch, live in self.batches(read or ["uri"], all_rows=all_rows, batch_rows=batch_size or 65_536):
-            keep = np.ones(batch.num_rows, dtype=bool) if live is None else live
+        for batch in self.batches(read or ["uri"], batch_rows=batch_size or 65_536):
+            keep = np.ones(batch.num_rows, dtype=bool)
             if predicate is not None:
                 matched = self._frame(batch, probs).select(predicate.fill_null(False)).to_series().to_numpy()
                 keep &= matched.astype(bool)
@@ -191,36 +168,30 @@ class OutputTable:
         assert isinstance(df, pl.DataFrame)
         return df.with_columns(prob_expr(self, c, raw=True).alias(prob_name(c)) for c in probs)
 
-    def batches(self, columns: Sequence[str], *, all_rows: bool = False,
-                batch_rows: int = 65_536) -> Iterator[tuple[pa.RecordBatch, np.ndarray | None]]:
-        """Arrow record batches of `columns`, part by part, each with its live-row mask (None: all live).
+    def batches(self, columns: Sequence[str], *, batch_rows: int = 65_536) -> Iterator[pa.RecordBatch]:
+        """Arrow record batches of `columns`, part by part.
 
-        Superseded rows are masked rather than filtered out, so a batch is never
-        copied; memory stays about one row group being decoded plus two
-        batches (the next is read while the caller works on this one).
+        Memory stays about one row group being decoded plus two batches (the
+        next is read while the caller works on this one).
         """
-        return _prefetch(self._batches(list(columns), all_rows, batch_rows))
+        return _prefetch(self._batches(list(columns), batch_rows))
 
-    def _batches(self, columns: list[str], all_rows: bool, batch_rows: int):
-        drop = np.empty(0, np.int64) if all_rows else self.superseded()
-        offset = 0
-        for path, n in zip(self.parts, self.row_counts(), strict=True):
-            lo, hi = np.searchsorted(drop, [offset, offset + n])
-            local = drop[lo:hi] - offset
-            start = 0
+    def _batches(self, columns: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
+        for path in self.parts:
             try:
                 # a fault mid-part: open the part again and skip the batches already handed on
-                for batch in retry_stream(lambda p=path: self._part_batches(p, columns, batch_rows),
-                                          f"read {full_uri(self.fs, path)}", also=BAD_READ):
-                    yield batch, _live_mask(batch.num_rows, local, start)
-                    start += batch.num_rows
+                yield from retry_stream(lambda p=path: self._part_batches(p, columns, batch_rows),
+                                        f"read {full_uri(self.fs, path)}", also=BAD_READ)
             except (OSError, pa.ArrowException) as err:
                 raise OutputError(f"cannot read {full_uri(self.fs, path)}: {describe_os_error(err)}") from err
-            offset += n
 
     def _part_batches(self, path: str, columns: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
         with self.open_part(path) as f:
-            yield from pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=columns)
+            pf = pq.ParquetFile(f)
+            have = pf.schema_arrow
+            present = [c for c in columns if _column_in(have, c)]
+            for batch in pf.iter_batches(batch_size=batch_rows, columns=present):
+                yield batch if len(present) == len(columns) else _conform(batch, columns, self.schema)
 
     def read_part(self, path: str, read: Any) -> Any:
         """`read(ParquetFile)` of one part (its footer, mostly), done again after a transient error or bad read."""
@@ -241,16 +212,6 @@ class OutputTable:
             return
         with self.fs.open(path, "rb") as f:
             yield f
-
-
-def _live_mask(n: int, local_rows: np.ndarray, start: int) -> np.ndarray | None:
-    """False for the rows of `local_rows` (row numbers in the part) that fall in rows `start`..`start+n`."""
-    lo, hi = np.searchsorted(local_rows, [start, start + n])
-    if lo == hi:
-        return None
-    live = np.ones(n, dtype=bool)
-    live[local_rows[lo:hi] - start] = False
-    return live
 
 
 def _prefetch(items: Iterator, depth: int = 2) -> Iterator:
@@ -292,58 +253,30 @@ def _prefetch(items: Iterator, depth: int = 2) -> Iterator:
             close()  # the producer has ended: release its open file now, not at garbage collection
 
 
-def _find_superseded(dataset: OutputTable) -> np.ndarray:
-    """Global row numbers of every row that is not its uri's newest (see the module docstring)."""
-    hashes = np.empty(sum(dataset.row_counts()), np.uint64)
-    offset = 0
-    for batch, _ in dataset.batches(["uri"], all_rows=True):
-        hashes[offset:offset + batch.num_rows] = _uri_hashes(batch)
-        offset += batch.num_rows
-    hashes.sort()  # in place: 8 bytes a row is all this pass holds
-    repeated = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
-    del hashes
-    if not len(repeated):
-        return np.empty(0, np.int64)
-    rows = _rows_with_hashes(dataset, repeated, ["uri", "tagged_at", "run_id", "model"])
-    rows = rows.filter(pl.col("uri").is_duplicated())  # a hash that repeats for different uris is no duplicate
-    newest = rows.sort(list(NEWEST_FIRST), descending=True, nulls_last=True).unique("uri", keep="first")
-    hidden = rows.filter(~pl.col("_row").is_in(newest["_row"].implode()))["_row"]
-    return np.sort(hidden.to_numpy())
+def _column_in(schema: pa.Schema, column: str) -> bool:
+    """Whether a file has `column` (`probs.dog`: a field of the struct): older files lack a newer model's classes."""
+    name, _, child = column.partition(".")
+    if name not in schema.names:
+        return False
+    kind = schema.field(name).type
+    return not child or not pa.types.is_struct(kind) or kind.get_field_index(child) >= 0
 
 
-def _uri_hashes(batch: pa.RecordBatch) -> np.ndarray:
-    return pl.Series(batch.column("uri")).hash().to_numpy()
-
-
-def _rows_with_hashes(dataset: OutputTable, hashes: np.ndarray, columns: list[str]) -> pl.DataFrame:
-    """`columns` of every row whose uri hash is in the sorted `hashes`, with its global row number as `_row`."""
-    frames = []
-    offset = 0
-    for batch, _ in dataset.batches(columns, all_rows=True):
-        local = _positions_in(_uri_hashes(batch), hashes)
-        if len(local):
-            picked = pl.from_arrow(batch.take(pa.array(local)))
-            assert isinstance(picked, pl.DataFrame)
-            frames.append(picked.with_columns(_row=pl.Series(local + offset, dtype=pl.Int64)))
-        offset += batch.num_rows
-    return pl.concat(frames)
-
-
-def _positions_in(values: np.ndarray, sorted_set: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
-    """Positions of `values` that occur in `sorted_set`, in chunks (np.isin would sort a copy of all of it)."""
-    found = []
-    for start in range(0, len(values), chunk):
-        part = values[start:start + chunk]
-        at = np.minimum(np.searchsorted(sorted_set, part), len(sorted_set) - 1)
-        found.append(np.flatnonzero(sorted_set[at] == part) + start)
-    return np.concatenate(found) if found else np.empty(0, np.int64)
-
-
-def _read_meta(fs: AbstractFileSystem, part: str, out: str) -> dict[str, Any]:
-    meta = read_footer_meta(fs, part)
-    if not meta:
-        raise OutputError(f"{full_uri(fs, part)} in {out} was not written by mlcls (no mlcls metadata)")
-    return meta
+def _conform(batch: pa.RecordBatch, columns: list[str], schema: pa.Schema) -> pa.RecordBatch:
+    """`batch` with the `columns` its file lacks added as nulls (the table's schema evolved after it was written)."""
+    out: dict[str, pa.Array] = {}
+    for column in columns:
+        name, _, child = column.partition(".")
+        kind = schema.field(name).type
+        if not child:
+            out[name] = batch.column(name) if name in batch.schema.names else pa.nulls(batch.num_rows, kind)
+            continue
+        children = out.get(name) or (batch.column(name) if name in batch.schema.names else None)
+        fields = {f.name: children.field(f.name) for f in children.type} if children is not None else {}
+        fields.setdefault(child, pa.nulls(batch.num_rows, kind.field(child).type))
+        mask = children.is_null() if children is not None else None
+        out[name] = pa.StructArray.from_arrays(list(fields.values()), names=list(fields), mask=mask)
+    return pa.RecordBatch.from_pydict(out)
 
 
 def prob_name(label: str) -> str:

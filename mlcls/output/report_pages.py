@@ -78,7 +78,7 @@ def _index_body(data: ReportData) -> Markup:
     s = data.stats
     cards = [("images", s.images), ("tagged", s.tagged), ("errors", sum(s.errors.values())),
              ("labels in use", sum(1 for x in s.labels if x.images)), ("no label", s.unlabelled),
-             ("superseded rows", s.superseded)]
+             ("table version", s.version)]
     models = ", ".join(f"{m} ({n:,})" for m, n in s.models.items())
     bars = [(x.label, x.images) for x in s.labels[:BAR_LABELS]]
     more = len(s.labels) - len(bars)

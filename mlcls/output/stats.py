@@ -30,7 +30,7 @@ DENSE_VALUES_PER_BATCH = 4_000_000  # batch rows x classes: ~16 MB of float32 pr
 class RowBatch:
     """One record batch decoded for numpy: live and tagged rows, label codes, probabilities by class.
 
-    `live` is False for rows the reading rule hides (superseded); every
+    `live` is False for rows to leave out (None: all rows count); every
     property below already leaves them out, so consumers need not look.
     """
 
@@ -121,8 +121,8 @@ class Stats:
     """`mlcls stats`'s answer; `to_dict()` is its JSON."""
 
     out: str
+    version: int
     parts: int
-    rows_stored: int
     images: int
     tagged: int
     errors: dict[str, int]
@@ -133,12 +133,8 @@ class Stats:
     probs: str
     seconds: float = 0.0
 
-    @property
-    def superseded(self) -> int:
-        return self.rows_stored - self.images
-
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"superseded": self.superseded, "error_count": sum(self.errors.values())}
+        return asdict(self) | {"error_count": sum(self.errors.values())}
 
 
 @dataclass
@@ -220,27 +216,26 @@ def _ranges(k: np.ndarray) -> np.ndarray:
     return np.arange(ends[-1]) - np.repeat(ends - k, k)
 
 
-def run_pass(dataset: OutputTable, consumers: Sequence[Consumer], *, all_rows: bool = False) -> None:
+def run_pass(dataset: OutputTable, consumers: Sequence[Consumer]) -> None:
     """Feed every batch of the dataset to `consumers` (one read of the columns they need)."""
     classes = dataset.classes
     columns = ["labels", "probs", "error", "model"]
     for c in consumers:
         columns += [x for x in c.columns if x not in columns]
     batch_rows = max(1024, DENSE_VALUES_PER_BATCH // max(1, len(classes)))
-    for arrow, live in dataset.batches(columns, all_rows=all_rows, batch_rows=batch_rows):
-        batch = RowBatch(arrow, live, classes, dataset.bounded)
+    for arrow in dataset.batches(columns, batch_rows=batch_rows):
+        batch = RowBatch(arrow, None, classes, dataset.bounded)
         for c in consumers:
             c.add(batch)
 
 
-def compute_stats(dataset: OutputTable, *, pairs: int = 10, extra: Sequence[Consumer] = (),
-                  all_rows: bool = False) -> Stats:
+def compute_stats(dataset: OutputTable, *, pairs: int = 10, extra: Sequence[Consumer] = ()) -> Stats:
     """Stats of `dataset` (and feed `extra` consumers in the same pass)."""
     started = time.perf_counter()
     totals = Totals(dataset.classes)
-    run_pass(dataset, [totals, *extra], all_rows=all_rows)
-    return Stats(out=dataset.out, parts=len(dataset.parts), rows_stored=totals.images + len(dataset.superseded())
-                 if not all_rows else totals.images, images=totals.images, tagged=totals.tagged,
+    run_pass(dataset, [totals, *extra])
+    return Stats(out=dataset.out, version=dataset.version, parts=len(dataset.parts), images=totals.images,
+                 tagged=totals.tagged,
                  errors=dict(totals.errors.most_common()), unlabelled=totals.unlabelled,
                  models=dict(totals.models.most_common()), labels=_label_stats(dataset, totals),
                  pairs=totals.top_pairs(pairs), probs=dataset.meta.get("probs", "all"),

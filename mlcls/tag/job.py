@@ -27,7 +27,9 @@ from mlcls.bundle import Bundle, load_bundle, resolve_model
 from mlcls.errors import OptionError
 from mlcls.images.decode import DEFAULT_MAX_PIXELS
 from mlcls.images.gpu import GpuJpegDecoder
-from mlcls.output.parts import ProbsMode, build_table, check_output, file_metadata, write_part
+from mlcls.output.commit import CommitResult, adopt, commit_parts, ensure_table
+from mlcls.output.parts import ProbsMode, build_table, file_metadata, part_name, schema, write_part
+from mlcls.output.table import check_output
 from mlcls.storage import StorageOptions, join, list_dir, read_file, url_to_fs, write_atomic
 from mlcls.tag.compiling import parse_compile, should_compile
 from mlcls.tag.engine import PRECISIONS, Engine, Pending, get_engine, has_engine, resolve_device
@@ -120,6 +122,8 @@ class RunSummary:
     errors: int = 0
     shards: int = 0
     failed_shards: list[str] = field(default_factory=list)
+    version: int | None = None  # the output table's version that holds this run's rows
+    superseded: int = 0  # older rows of re-tagged images that left the table's current version
     seconds: float = 0.0
     tag_seconds: float = 0.0
     label_counts: dict[str, int] = field(default_factory=dict)
@@ -216,10 +220,18 @@ def engines_built() -> int:
 
 def open_run(out: str, model: str | None, options: TagOptions,
              storage_options: StorageOptions = None) -> Bundle:
-    """Check everything that can be checked before any work: options, bundle, output."""
+    """Check everything that can be checked before any work: options, bundle, output.
+
+    An output written before mlcls kept a Delta table becomes one here, its
+    files committed as they are, so the plan subtracts what it holds; a new
+    output starts as an empty table.
+    """
     options.validate()
     bundle = get_bundle(model, storage_options)
-    check_output(out, bundle.classes, ProbsMode.parse(options.probs), storage_options)
+    mode = ProbsMode.parse(options.probs)
+    check_output(out, bundle.classes, mode, storage_options)
+    adopt(out, storage_options)
+    ensure_table(out, schema(bundle.classes, mode), storage_options)
     return bundle
 
 
@@ -278,7 +290,7 @@ def tag_shard(shard: Shard, *, model: str | None, out: str, options: TagOptions,
     table = build_table(records, decoded, probs, classes=bundle.classes, thresholds=engine.thresholds,
                         mode=mode, model_id=bundle.model_id, run_id=run_id,
                         tagged_at=datetime.now(UTC), metadata=meta)
-    part = write_part(out, shard.id, table, storage_options)
+    part = write_part(out, part_name(shard.id, run_id), table, storage_options)
     result = _shard_result(shard, records, decoded, probs >= engine.thresholds, bundle.classes)
     result.part, result.seconds = part, time.perf_counter() - started
     progress.emit(progress.Event("shard_done", count=len(records), errors=result.errors, shard=shard.id))
@@ -335,7 +347,7 @@ def load_shard_results(out: str, run_id: str, shard_ids: Sequence[str],
 
 
 def summarize(plan: RunPlan, results: Sequence[ShardResult], *, source: str, out: str, model_id: str,
-              seconds: float, failed_shards: Sequence[str] = ()) -> RunSummary:
+              seconds: float, failed_shards: Sequence[str] = (), committed: CommitResult | None = None) -> RunSummary:
     labels: Counter[str] = Counter()
     kinds: Counter[str] = Counter()
     for r in results:
@@ -348,7 +360,14 @@ def summarize(plan: RunPlan, results: Sequence[ShardResult], *, source: str, out
         shards=len(plan.shards), failed_shards=list(failed_shards), seconds=seconds,
         tag_seconds=sum(r.seconds for r in results), label_counts=dict(labels.most_common()),
         error_kinds=dict(kinds), error_sample=[e for r in results for e in r.error_sample][:_ERROR_SAMPLE],
+        version=committed.version if committed else None, superseded=committed.superseded if committed else 0,
     )
+
+
+def commit_run(out: str, run_id: str, results: Sequence[ShardResult],
+               storage_options: StorageOptions = None) -> CommitResult:
+    """Add the shards' parts to the output table in one commit (a retried commit that had landed does nothing)."""
+    return commit_parts(out, run_id, [r.part for r in results if r.part], storage_options)
 
 
 def finish_run(summary: RunSummary, storage_options: StorageOptions = None) -> None:
@@ -371,9 +390,9 @@ def tag_images(source: str | Sequence[str], out: str, model: str | None = None, 
     plan, shards = stream_run(source, out, bundle, options, run_id, storage_options)
     results = [tag_shard(s, model=model, out=out, options=options, run_id=run_id,
                          storage_options=storage_options) for s in shards]
-    # All shard results of this run are in: a step over the whole run (a table commit) goes here.
+    committed = commit_run(out, run_id, results, storage_options)
     summary = summarize(plan, results, source=describe_source(source), out=out, model_id=bundle.model_id,
-                        seconds=time.perf_counter() - started)
+                        seconds=time.perf_counter() - started, committed=committed)
     finish_run(summary, storage_options)
     return summary
 

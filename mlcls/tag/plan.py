@@ -25,7 +25,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mlcls.errors import OutputError
-from mlcls.output.parts import INTERNAL_DIR, TIMESTAMP, read_identities
+from mlcls.output.parts import INTERNAL_DIR, TIMESTAMP
+from mlcls.output.table import read_identities
 from mlcls.sources import FileRecord, ListingStats, iter_source
 from mlcls.storage import (
     StorageOptions,

@@ -7,7 +7,7 @@ import asyncio
 import polars as pl
 import pytest
 
-from mlcls.output.parts import list_parts
+from mlcls.output.table import current_files
 from tests.helpers.images import write_images
 
 pytestmark = pytest.mark.slow
@@ -33,8 +33,8 @@ def test_flow_tags_in_shards_and_reports(tmp_path, tiny_bundle, prefect_api):
     result = tag_images(source=str(tmp_path / "src"), out=str(tmp_path / "out"), model=tiny_bundle,
                         batch_size=4, shard_size=5)
     assert (result["images"], result["tagged"], result["errors"], result["shards"]) == (15, 14, 1, 3)
-    assert len(list_parts(str(tmp_path / "out"))) == 3
-    df = pl.read_parquet(f"{tmp_path}/out/*.parquet")
+    assert len(current_files(str(tmp_path / "out"))) == 3
+    df = pl.read_delta(str(tmp_path / "out"))
     assert df.height == 15 and df["run_id"].n_unique() == 1
     assert df.filter(pl.col("error").is_not_null())["uri"].to_list()[0].endswith("broken.jpg")
     artifacts = _artifact(SUMMARY_ARTIFACT)
@@ -56,7 +56,7 @@ def test_flow_fails_fast_on_bad_input(tmp_path, tiny_bundle, prefect_api):
         tag_images(source=str(tmp_path / "missing"), out=str(tmp_path / "out"), model=tiny_bundle)
     with pytest.raises(BundleError, match="no bundle.json"):
         tag_images(source=str(tmp_path / "src"), out=str(tmp_path / "out"), model=str(tmp_path))
-    assert not list_parts(str(tmp_path / "out"))
+    assert not current_files(str(tmp_path / "out"))
 
 
 def test_a_failing_shard_does_not_lose_the_others(tmp_path, tiny_bundle, prefect_api, monkeypatch):
@@ -80,7 +80,7 @@ def test_a_failing_shard_does_not_lose_the_others(tmp_path, tiny_bundle, prefect
         tag_flow.tag_images(source=str(tmp_path / "src"), out=str(tmp_path / "out"), model=tiny_bundle,
                             shard_size=3)
     assert calls.count(calls[1]) == 3  # tried, then retried twice
-    assert pl.read_parquet(f"{tmp_path}/out/*.parquet").height == 6
+    assert pl.read_delta(str(tmp_path / "out")).height == 6
 
 
 def test_fan_out_fails_fast_without_the_shard_deployment(tmp_path, tiny_bundle, prefect_api):
@@ -91,7 +91,7 @@ def test_fan_out_fails_fast_without_the_shard_deployment(tmp_path, tiny_bundle, 
     with pytest.raises(MlclsError, match="deployment 'nope/nope' not found"):
         tag_images(source=str(tmp_path / "src"), out=str(tmp_path / "out"), model=tiny_bundle,
                    fan_out="deployment", shard_deployment="nope/nope")
-    assert not list_parts(str(tmp_path / "out"))
+    assert not current_files(str(tmp_path / "out"))
 
 
 def test_slot_runs_follow_the_published_shards_and_redo_only_the_missing(tmp_path, tiny_bundle, prefect_api):
@@ -112,6 +112,9 @@ def test_slot_runs_follow_the_published_shards_and_redo_only_the_missing(tmp_pat
     zero = tag_shard(out=out, run_id="r1", model=tiny_bundle, options=opts.to_dict(), slot=0, slots=2)
     assert (zero["tagged"], zero["skipped"]) == (3, 0) and len(zero["gaps"]) == 2  # shards 0, 2, 4
     assert zero["engines_built"] == one["engines_built"]  # the second slot run reused the first one's engine
-    df = pl.read_parquet(f"{out}/*.parquet")
-    assert df.height == 7 and df["uri"].n_unique() == 7
-    assert set(job.load_shard_results(out, "r1", [s.id for s in plan.shards])) == {s.id for s in plan.shards}
+    results = job.load_shard_results(out, "r1", [s.id for s in plan.shards])
+    assert set(results) == {s.id for s in plan.shards}
+    assert not pl.read_delta(str(out)).height  # slot runs write parts; the parent commits them
+    committed = job.commit_run(out, "r1", list(results.values()))
+    df = pl.read_delta(str(out))
+    assert df.height == 7 and df["uri"].n_unique() == 7 and committed.added == 4

@@ -2,10 +2,13 @@
 
 `write_synthetic` writes part files through `mlcls.output.build_table` and
 `write_part` (the real schema and footer): error rows of several kinds, and
-re-tagged images (a later part with newer rows for some uris). `newest_rows`
-reads the files with pyarrow alone and applies the reading rule by hand, so
-the tests compare mlcls's answers with a computation that shares no code
-with it.
+re-tagged images (a later run with newer rows for some uris), each run
+committed to the Delta table as `mlcls tag` does (or left as a pre-Delta
+folder with `commit=False`). `newest_rows` reads every Parquet file in the
+folder with pyarrow alone, removed ones included, and applies the rule by
+hand (newest `tagged_at`, then `run_id`, ...), so the tests compare mlcls's
+answers with a computation that shares no code with it; `table_rows` reads
+the current version with `deltalake`, the table's own reader.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from mlcls.images.decode import Decoded
-from mlcls.output.parts import ProbsMode, build_table, file_metadata, write_part
+from mlcls.output.commit import commit_parts
+from mlcls.output.parts import ProbsMode, build_table, file_metadata, part_name, write_part
 from mlcls.sources import FileRecord
 
 CLASSES = ["cat", "dog", "boat", "sky blue", "person"]
@@ -29,8 +33,12 @@ MODEL = "synth@0a1b2c3d4e5f"
 
 def write_synthetic(out: str, *, images: int = 300, parts: int = 4, retag: int = 40, probs: str = "all",
                     seed: int = 0, classes: list[str] | None = None, thresholds: np.ndarray | None = None,
-                    uri_prefix: str = "/data/photos") -> None:
-    """`images` uris in `parts` parts, then one part re-tagging `retag` of them an hour later."""
+                    uri_prefix: str = "/data/photos", commit: bool = True,
+                    storage_options: dict | None = None) -> list[int]:
+    """`images` uris in `parts` parts (run 0), then run 1's part re-tagging `retag` of them an hour later.
+
+    Returns the table version after each run's commit (none with `commit=False`).
+    """
     rng = np.random.default_rng(seed)
     classes = classes or CLASSES
     thresholds = THRESHOLDS if thresholds is None else thresholds
@@ -38,11 +46,15 @@ def write_synthetic(out: str, *, images: int = 300, parts: int = 4, retag: int =
     chunks = [list(c) for c in np.array_split(np.arange(images), parts)]
     chunks.append(sorted(rng.choice(images, size=retag, replace=False).tolist()))
     start = datetime(2026, 3, 1, tzinfo=UTC)
+    runs: dict[str, list[str]] = {}
     for p, ids in enumerate(chunks):
         run = f"2026030{1 + p // parts}T000000Z-run{p // parts}"
         table = synthetic_table([uris[i] for i in ids], rng, classes, thresholds, ProbsMode.parse(probs),
                                 tagged_at=start + timedelta(hours=p), run_id=run)
-        write_part(out, f"synth{p:03d}", table)
+        runs.setdefault(run, []).append(write_part(out, part_name(f"synth{p:03d}", run), table, storage_options))
+    if not commit:
+        return []
+    return [commit_parts(out, run, files, storage_options).version for run, files in runs.items()]
 
 
 def synthetic_table(uris: list[str], rng: np.random.Generator, classes: list[str], thresholds: np.ndarray,
@@ -62,11 +74,18 @@ def synthetic_table(uris: list[str], rng: np.random.Generator, classes: list[str
 
 
 def stored_rows(out: str) -> list[dict]:
-    """Every stored row, parts in path order, rows in file order (pyarrow only)."""
+    """Every row of every Parquet file in the folder, files the table removed included (pyarrow only)."""
     rows = []
     for path in sorted(glob.glob(os.path.join(out, "*.parquet"))):
         rows += pq.read_table(path).to_pylist()
     return rows
+
+
+def table_rows(out: str, version: int | None = None, storage_options: dict | None = None) -> list[dict]:
+    """The rows of the table's current version (or `version`), read by `deltalake` itself."""
+    from deltalake import DeltaTable
+
+    return DeltaTable(out, version=version, storage_options=storage_options).to_pyarrow_dataset().to_table().to_pylist()
 
 
 def newest_rows(out: str) -> dict[str, dict]:

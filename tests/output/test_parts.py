@@ -9,22 +9,23 @@ from datetime import UTC, datetime
 import duckdb
 import numpy as np
 import polars as pl
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
 from mlcls.errors import OptionError, OutputError
 from mlcls.images.decode import Decoded
-from mlcls.output.parts import ProbsMode, build_table, check_output, file_metadata, list_parts, write_part
+from mlcls.output.commit import commit_parts
+from mlcls.output.parts import ProbsMode, build_table, file_metadata, part_name, write_part
+from mlcls.output.table import check_output, current_files
 from mlcls.sources import FileRecord
 
 CLASSES = ["cat", "dog", "sky blue"]
 THRESHOLDS = np.array([0.5, 0.3, 0.9], dtype=np.float32)
 
 
-def _table(mode: ProbsMode | None = None, n_ok: int = 3):
+def _table(mode: ProbsMode | None = None, n_ok: int = 3, prefix: str = "/x"):
     mode = mode or ProbsMode()
-    records = [FileRecord(uri=f"/x/{i}.jpg", size=10 + i, etag=None, mtime=datetime(2026, 1, 1, tzinfo=UTC))
+    records = [FileRecord(uri=f"{prefix}/{i}.jpg", size=10 + i, etag=None, mtime=datetime(2026, 1, 1, tzinfo=UTC))
                for i in range(n_ok + 1)]
     decoded = [Decoded(pixels=np.zeros(1), width=100 + i, height=50) for i in range(n_ok)]
     decoded.append(Decoded(pixels=None, error="decode: not an image"))
@@ -57,29 +58,34 @@ def test_bounded_probability_modes():
             ProbsMode.parse(bad)
 
 
-def test_parts_form_one_dataset_for_polars_duckdb_and_pyarrow(tmp_path):
+def test_committed_parts_form_one_table_for_polars_duckdb_and_pyarrow(tmp_path):
+    from deltalake import DeltaTable
+
     out = str(tmp_path / "out")
-    write_part(out, "s1", _table())
-    write_part(out, "s2", _table(n_ok=1))
+    parts = [write_part(out, part_name("s1", "r"), _table()),
+             write_part(out, part_name("s2", "r"), _table(n_ok=1, prefix="/y"))]
     os.makedirs(f"{out}/_mlcls/runs/x", exist_ok=True)
     with open(f"{out}/_mlcls/runs/x/summary.json", "w") as f:
         f.write("{}")
-    assert [os.path.basename(p) for p in list_parts(out)] == ["part-s1.parquet", "part-s2.parquet"]
-    df = pl.scan_parquet(f"{out}/**/*.parquet").collect()
+    assert not current_files(out)  # written, not committed: no reader of the table sees them
+    commit_parts(out, "r", parts)
+    assert [os.path.basename(p) for p in current_files(out)] == ["part-s1-r.parquet", "part-s2-r.parquet"]
+    df = pl.scan_delta(out).collect()
     assert df.height == 6
     assert df.filter(pl.col("probs").struct.field("cat") > 0.8).height == 2
-    n = duckdb.sql(f"select count(*) from read_parquet('{out}/**/*.parquet') "
+    files = DeltaTable(out).file_uris()
+    n = duckdb.sql(f"select count(*) from read_parquet({files}) "
                    "where list_contains(labels, 'sky blue') and probs['sky blue'] > 0.9").fetchall()[0][0]
     assert n == 2
-    assert ds.dataset(out, format="parquet").count_rows() == 6
-    assert pq.read_schema(f"{out}/part-s1.parquet").metadata[b"mlcls"]
+    assert DeltaTable(out).to_pyarrow_dataset().count_rows() == 6
+    assert pq.read_schema(f"{out}/part-s1-r.parquet").metadata[b"mlcls"]
 
 
 def test_write_is_atomic_and_leaves_no_temp_files(tmp_path):
     out = tmp_path / "out"
-    write_part(str(out), "s1", _table())
-    write_part(str(out), "s1", _table())  # a retried shard overwrites its own part
-    assert sorted(os.listdir(out)) == ["part-s1.parquet"]
+    write_part(str(out), part_name("s1", "r"), _table())
+    write_part(str(out), part_name("s1", "r"), _table())  # a retried shard overwrites its own part
+    assert sorted(os.listdir(out)) == ["part-s1-r.parquet"]
 
 
 def test_check_output_refuses_unwritable_and_incompatible(tmp_path):
@@ -90,10 +96,9 @@ def test_check_output_refuses_unwritable_and_incompatible(tmp_path):
     with pytest.raises(OutputError, match="cannot write to output"):
         check_output(str(blocker / "sub"), CLASSES, ProbsMode())
     out = str(tmp_path / "out")
-    write_part(out, "s1", _table())
+    commit_parts(out, "r", [write_part(out, part_name("s1", "r"), _table())])
     check_output(out, CLASSES, ProbsMode())
-    with pytest.raises(OutputError, match="holds tags for other classes"):
-        check_output(out, ["cat", "dog"], ProbsMode())
+    check_output(out, ["cat", "dog", "zebra"], ProbsMode())  # other classes: a schema change the table takes
     with pytest.raises(OutputError, match="written with --probs all"):
         check_output(out, CLASSES, ProbsMode.parse("top-k:2"))
 

@@ -86,24 +86,23 @@ def test_sql_reads_bounded_probabilities_by_name(synth_bounded):
     assert n.as_py() == sum((prob(r, "dog") or 0) >= 0.5 for r in newest_rows(synth_bounded).values()) > 0
 
 
-def test_reading_rule_hides_superseded_rows_and_all_rows_shows_them(synth):
+def test_the_current_version_holds_each_images_newest_row_and_time_travel_the_older(synth):
     ds = OutputTable.open(synth)
     stored, newest = stored_rows(synth), newest_rows(synth)
-    assert len(stored) == 450 and len(newest) == 400
+    assert len(stored) > 450 and len(newest) == 400  # the folder keeps the superseded rows' files until vacuum
     assert ds.scan().select(pl.len()).collect().item() == 400
-    assert ds.scan(all_rows=True).select(pl.len()).collect().item() == 450
     df = ds.scan().select("uri", "run_id", "error").collect()
     assert {u: r for u, r in df.select("uri", "run_id").iter_rows()} == {u: r["run_id"] for u, r in newest.items()}
-    assert len(ds.superseded()) == 50
+    before = OutputTable.open(synth, version=ds.version - 1).scan().select("run_id").collect()
+    assert before.height == 400 and set(before["run_id"]) == {"20260301T000000Z-run0"}
 
 
-def test_sql_views_tags_and_tags_all(synth):
+def test_sql_view_tags(synth):
     ds = OutputTable.open(synth)
     boat = sql(ds, "select uri from tags where list_contains(labels, 'boat') order by uri").column("uri").to_pylist()
     assert boat == sorted(u for u, r in newest_rows(synth).items() if r["labels"] and "boat" in r["labels"])
-    counts = sql(ds, "select (select count(*) from tags) a, (select count(*) from tags_all) b, "
-                     "(select count(distinct uri) from tags) c").to_pylist()[0]
-    assert counts == {"a": 400, "b": 450, "c": 400}
+    counts = sql(ds, "select (select count(*) from tags) a, (select count(distinct uri) from tags) c").to_pylist()[0]
+    assert counts == {"a": 400, "c": 400}
     mean = sql(ds, 'select avg(probs."sky blue") m from tags where error is null').column("m")[0].as_py()
     rows = [r for r in newest_rows(synth).values() if r["error"] is None]
     assert mean == pytest.approx(sum(r["probs"]["sky blue"] for r in rows) / len(rows), rel=1e-6)
@@ -137,7 +136,7 @@ def test_query_of_a_real_tagging_run(tmp_path, tiny_bundle, capsys):
     (tmp_path / "src" / "broken.jpg").write_bytes(b"not an image")
     job.tag_images(str(tmp_path / "src"), str(tmp_path / "out"), tiny_bundle,
                  job.TagOptions(batch_size=8, shard_size=6, workers=1))
-    raw = pl.read_parquet(f"{tmp_path}/out/*.parquet")
+    raw = pl.read_delta(str(tmp_path / "out"))
     thresholds = dict(zip(["cat", "dog", "boat", "sky blue"], [0.5, 0.45, 0.55, 0.5], strict=True))
     for label, threshold in thresholds.items():
         got = label_query(OutputTable.open(str(tmp_path / "out")), LabelQuery(labels=(label,)))
@@ -161,7 +160,7 @@ def test_query_of_a_real_tagging_run(tmp_path, tiny_bundle, capsys):
     (["query", "{synth}", "--sql", "selec uri frm tags"], "--sql: Parser Error: syntax error"),
     (["query", "{synth}", "--sql", "select nope from tags"], "--sql: Binder Error"),
     (["query", "{synth}", "--sql", "select 1", "--label", "dog"], "--sql cannot be combined with --label"),
-    (["query", "{synth}", "--sql", "select 1", "--all-rows"], "query the view tags_all"),
+    (["query", "{synth}", "--label", "dog", "--version", "99"], "has no version 99"),
     (["query", "{synth}", "--label", "dog", "--format", "parquet"], "--format parquet needs --out FILE"),
     (["query", "{synth}", "--min-prob", "2"], "--min-prob must be between 0 and 1"),
     (["query", "{synth}", "--label", "dog", "--not-label", "dog"], "is both a --label and a --not-label"),
@@ -187,5 +186,5 @@ def test_query_and_sql_on_s3(s3, tmp_path):
         assert a.equals(b) and a.height > 0
     statement = "select count(*) n, count(distinct uri) u from tags where list_contains(labels, 'cat')"
     assert sql(OutputTable.open(remote), statement).to_pylist() == sql(OutputTable.open(local), statement).to_pylist()
-    assert sql(OutputTable.open(remote), "select count(*) n from tags_all").to_pylist() == [{"n": 135}]
+    assert sql(OutputTable.open(remote), "select count(*) n from tags").to_pylist() == [{"n": 120}]
     assert Path(local).exists()

@@ -18,7 +18,7 @@ from torchvision import transforms as T
 
 from mlcls.bundle import load_bundle
 from mlcls.images.preprocess import INTERPOLATIONS
-from mlcls.output.parts import list_parts
+from mlcls.output.table import current_files
 from mlcls.tag import job
 from mlcls.tag.engine import get_engine
 from mlcls.tag.job import TagOptions, tag_images
@@ -29,7 +29,7 @@ OPTS = TagOptions(batch_size=8, shard_size=10, workers=2)
 
 
 def _rows(out: Path) -> pl.DataFrame:
-    return pl.read_parquet(f"{out}/**/*.parquet")
+    return pl.read_delta(str(out))
 
 
 def test_plan_cuts_stable_shards_and_subtracts_done(tmp_path, tiny_bundle):
@@ -82,10 +82,10 @@ def test_incremental_runs_tag_only_new_or_changed_files(tmp_path, tiny_bundle):
     write_images(src, 23)
     first = tag_images(str(src), str(out), tiny_bundle, OPTS)
     assert (first.new, first.tagged, first.errors, first.shards) == (23, 23, 0, 3)
-    parts = list_parts(str(out))
+    parts = current_files(str(out))
     again = tag_images(str(src), str(out), tiny_bundle, OPTS)
     assert (again.listed, again.already_done, again.new, again.images) == (23, 23, 0, 0)
-    assert list_parts(str(out)) == parts  # no inference, no new file
+    assert current_files(str(out)) == parts  # no inference, no new file
     write_images(src, 4, seed=9, prefix="new")
     changed = src / "img0003.jpg"
     changed.write_bytes(changed.read_bytes())
@@ -93,9 +93,9 @@ def test_incremental_runs_tag_only_new_or_changed_files(tmp_path, tiny_bundle):
     third = tag_images(str(src), str(out), tiny_bundle, OPTS)
     assert (third.already_done, third.new) == (22, 5)
     df = _rows(out)
-    assert df.height == 28 and df["uri"].n_unique() == 27  # the changed file has its old and new row
-    newest = df.sort("tagged_at").group_by("uri").last()
-    assert newest.height == 27 and newest["error"].null_count() == 27
+    assert df.height == 27 and df["uri"].n_unique() == 27  # the changed file's old row left the table
+    assert df["error"].null_count() == 27 and third.superseded == 1
+    assert df.filter(pl.col("uri") == str(changed))["run_id"].to_list() == [third.run_id]
 
 
 def test_bad_input_catalogue_gives_one_row_each_and_the_run_completes(tmp_path, tiny_bundle):
@@ -142,7 +142,7 @@ def test_engine_labels_use_per_class_thresholds(tiny_bundle):
 
 _CRASHER = """
 import sys
-from mlcls.pipeline import TagOptions, tag
+from mlcls.tag.job import TagOptions, tag_images
 tag_images(sys.argv[1], sys.argv[2], sys.argv[3], TagOptions(batch_size=4, shard_size=6, workers=1))
 """
 
@@ -152,13 +152,17 @@ def test_sigkill_at_any_moment_then_rerun_gives_exactly_one_row_per_image(tmp_pa
     src, out = tmp_path / "src", tmp_path / "out"
     write_images(src, 60)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    for delay in (0.5, 1.5, 3.0):  # before, during and after the first parts
+    codes = []
+    for delay in (1.0, 3.0, 5.0):  # before, during and after the first parts (or the commit)
         proc = subprocess.Popen([sys.executable, "-c", _CRASHER, str(src), str(out), tiny_bundle], env=env)
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        for part in list_parts(str(out)):  # whatever is visible is whole
-            assert pl.read_parquet(part).height > 0
+        codes.append(proc.wait())
+        assert codes[-1] in (0, -signal.SIGKILL)  # killed, or done before the kill: never an error of its own
+        if current_files(str(out)):  # whatever the table holds is whole, one row per image
+            rows = _rows(out)
+            assert rows.height == rows["uri"].n_unique() > 0
+    assert codes[0] == -signal.SIGKILL
     summary = tag_images(str(src), str(out), tiny_bundle, TagOptions(batch_size=4, shard_size=6))
     df = _rows(out)
     assert df.height == 60 and df["uri"].n_unique() == 60

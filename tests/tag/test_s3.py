@@ -31,16 +31,21 @@ def test_s3_source_model_and_output_through_the_flow(tmp_path, tiny_bundle, s3, 
     keys = sorted(s3.ls(f"{out}/tags"))
     assert len([k for k in keys if k.endswith(".parquet")]) == 3
 
-    # DuckDB reads the dataset through the same S3 endpoint (fsspec filesystem registered with DuckDB)
+    # the Delta table's own reader lists the version's files; DuckDB reads them through the same S3 endpoint
+    from deltalake import DeltaTable
+
+    delta_opts = {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                  "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"}
+    files = DeltaTable(f"s3://{out}/tags", storage_options=delta_opts).file_uris()
+    assert len(files) == 3
     con = duckdb.connect()
     con.register_filesystem(s3)
-    rows = con.execute(f"select uri, labels, error, etag from read_parquet('s3://{out}/tags/*.parquet') "
-                       "order by uri").fetchall()
+    rows = con.execute(f"select uri, labels, error, etag from read_parquet({files}) order by uri").fetchall()
     assert len(rows) == 18 and all(r[0].startswith(f"s3://{src}/2026/") for r in rows)
     assert all(r[3] for r in rows)  # S3 etags recorded as file identity
 
-    # polars reads it with its own S3 client
-    df = pl.read_parquet(f"s3://{out}/tags/*.parquet", storage_options={
+    # polars reads the table with its own S3 client
+    df = pl.read_delta(f"s3://{out}/tags", storage_options={
         "aws_endpoint_url": s3_server, "aws_access_key_id": "testing", "aws_secret_access_key": "testing",
         "aws_region": "us-east-1", "aws_allow_http": "true"})
     assert df.height == 18 and df.filter(pl.col("error").is_not_null())["uri"][0].endswith("broken.jpg")
