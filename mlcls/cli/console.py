@@ -128,7 +128,8 @@ def print_summary(summary: RunSummary, wall: float | None = None) -> None:
         f"({summary.images_per_second:.1f} images/s), {summary.errors} errors, "
         f"{summary.already_done} already tagged -> {summary.out}"
         + (f" (Delta table version {summary.version}"
-           + (f", {summary.superseded} older rows replaced)" if summary.superseded else ")")
+           + (f", {summary.superseded} older row{'s' * (summary.superseded != 1)} replaced)"
+              if summary.superseded else ")")
            if summary.version is not None else ""))
     if summary.label_counts:
         top = ", ".join(f"{label} {n}" for label, n in list(summary.label_counts.items())[:12])

@@ -84,7 +84,7 @@ def compact(out: str, storage_options: StorageOptions = None, *, target_bytes: i
         delta_retrying(table.update_incremental, f"read the Delta table {out}")
     except (OSError, DeltaError) as err:
         raise OutputError(f"compacted {out}, then could not read it back: {describe_os_error(err)}") from err
-    log.info("compacted %s: %s", out, metrics)
+    log.debug("optimize of %s: %s", out, metrics)
     return CompactResult(out=out, version=table.version(), adopted=adopted, files_before=before,
                          files_after=len(table.file_uris()), rows=int(table.count()), vacuumed=len(vacuumed),
                          seconds=time.perf_counter() - started)
