@@ -3,6 +3,7 @@
     python bench/query_scale.py generate --rows 1000000 --out bench/out/q1m
     python bench/query_scale.py generate --rows 10000000 --parts 100 --out bench/out/q10m
     python bench/query_scale.py measure bench/out/q1m bench/out/q10m
+    python bench/query_scale.py readers bench/out/q1m bench/out/q10m
 
 `generate` writes parts through mlcls's own writer (`output.build_table`,
 `output.write_part`), so the files have exactly the schema and footer of a
@@ -130,6 +131,25 @@ def measure(datasets: list[str]) -> None:
             print(f"| {os.path.basename(data)} | `mlcls {shown}` | {wall:.1f} | {rss} |", flush=True)
 
 
+def readers(datasets: list[str]) -> None:
+    """The table read by others than mlcls: polars' scan_delta and DuckDB over the log's file list."""
+    import duckdb
+    import polars as pl
+    from deltalake import DeltaTable
+
+    for data in datasets:
+        started = time.perf_counter()
+        n = pl.scan_delta(data).filter(pl.col("labels").list.contains("c002")).select(pl.len()).collect().item()
+        polars_s = time.perf_counter() - started
+        started = time.perf_counter()
+        files = DeltaTable(data).file_uris()
+        m = duckdb.sql(f"select count(*) from read_parquet({files}) where list_contains(labels, 'c002')").fetchall()
+        duck_s = time.perf_counter() - started
+        rows, uris = pl.scan_delta(data).select(pl.len(), pl.col("uri").n_unique()).collect().row(0)
+        print(f"{os.path.basename(data)}: scan_delta c002 {n:,} in {polars_s:.1f} s; DuckDB {m[0][0]:,} in "
+              f"{duck_s:.1f} s; {rows:,} rows, {uris:,} distinct uris")
+
+
 def one(cmd: list[str]) -> None:
     """Run one command; its peak RSS (MiB) is the last line on standard error."""
     proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
@@ -148,6 +168,8 @@ def main() -> None:
     g.add_argument("--out", required=True)
     m = sub.add_parser("measure")
     m.add_argument("datasets", nargs="+")
+    r = sub.add_parser("readers")
+    r.add_argument("datasets", nargs="+")
     o = sub.add_parser("one")
     o.add_argument("argv", nargs=argparse.REMAINDER)
     args = parser.parse_args()
@@ -157,6 +179,8 @@ def main() -> None:
         print(f"wrote {info} to {args.out} in {time.perf_counter() - started:.1f} s")
     elif args.cmd == "measure":
         measure(args.datasets)
+    elif args.cmd == "readers":
+        readers(args.datasets)
     else:
         one(args.argv)
 
