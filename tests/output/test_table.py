@@ -30,16 +30,34 @@ from tests.helpers.outputs import CLASSES, THRESHOLDS, newest_rows, synthetic_ta
 OPTS = job.TagOptions(batch_size=4, shard_size=5, device="cpu", workers=1)
 
 
+def where_fs(out: str):
+    import fsspec
+
+    return fsspec.filesystem("s3", client_kwargs={"endpoint_url": os.environ["AWS_ENDPOINT_URL"]})
+
+
 def _by_uri(rows: list[dict]) -> dict[str, dict]:
     return {r["uri"]: r for r in rows}
 
 
-def test_retag_three_changed_images_one_row_per_uri_for_every_reader(tmp_path, tiny_bundle):
-    src, out = tmp_path / "src", str(tmp_path / "out")
+@pytest.fixture(params=["local", "s3"])
+def where(request, tmp_path):
+    """An output location on local disk, or on the moto S3 server (delta-rs commits with conditional puts),
+    and the options `deltalake` needs to read it there."""
+    if request.param == "local":
+        return str(tmp_path / "out"), None
+    s3, endpoint = request.getfixturevalue("s3"), request.getfixturevalue("s3_server")
+    return f"s3://{s3.buckets['out']}/tags", {
+        "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"}
+
+
+def test_retag_three_changed_images_one_row_per_uri_for_every_reader(tmp_path, tiny_bundle, where):
+    src, (out, opts) = tmp_path / "src", where
     paths = write_images(src, 12)
     first = job.tag_images(str(src), out, tiny_bundle, OPTS)
     assert first.version is not None and first.images == 12
-    before = _by_uri(table_rows(out))
+    before = _by_uri(table_rows(out, storage_options=opts))
     rng = np.random.default_rng(7)
     for p in paths[:3]:
         p.write_bytes(jpeg_bytes(photo(rng, 90, 120)))
@@ -48,19 +66,22 @@ def test_retag_three_changed_images_one_row_per_uri_for_every_reader(tmp_path, t
     assert (second.images, second.already_done, second.superseded) == (3, 9, 3)
 
     changed = {str(p) for p in paths[:3]}
-    df = pl.scan_delta(out).collect()
+    df = pl.scan_delta(out, storage_options=opts).collect()
     assert df.height == 12 and df["uri"].n_unique() == 12
     rows = _by_uri(df.to_dicts())
     assert {u for u in rows if rows[u]["run_id"] == second.run_id} == changed
     assert all(rows[u]["mtime"] != before[u]["mtime"] for u in changed)
     assert all(rows[u]["mtime"] == before[u]["mtime"] for u in rows if u not in changed)
-    assert DeltaTable(out).to_pyarrow_dataset().count_rows() == 12
-    files = [f for f in DeltaTable(out).file_uris()]
-    n, uris = duckdb.sql(f"select count(*), count(distinct uri) from read_parquet({files})").fetchall()[0]
+    assert DeltaTable(out, storage_options=opts).to_pyarrow_dataset().count_rows() == 12
+    files = DeltaTable(out, storage_options=opts).file_uris()
+    con = duckdb.connect()
+    if opts:
+        con.register_filesystem(where_fs(out))
+    n, uris = con.execute(f"select count(*), count(distinct uri) from read_parquet({files})").fetchall()[0]
     assert n == uris == 12
     assert OutputTable.open(out).scan().select(pl.len()).collect().item() == 12
     # time travel: the version of the first run still has the old rows
-    old = _by_uri(table_rows(out, version=first.version))
+    old = _by_uri(table_rows(out, version=first.version, storage_options=opts))
     assert {u: r["mtime"] for u, r in old.items()} == {u: r["mtime"] for u, r in before.items()}
     assert OutputTable.open(out, version=first.version).scan().filter(
         pl.col("run_id") == second.run_id).collect().height == 0
@@ -85,18 +106,6 @@ def test_rows_of_a_run_superseded_by_rule_and_copies_kept(tmp_path):
     assert {r["uri"]: r["run_id"] for r in rows} == {u: r["run_id"] for u, r in want.items()}
     assert len(table_rows(out, version=versions[0])) == 120
     assert sum(r["run_id"].endswith("run1") for r in rows) == 25
-
-
-@pytest.fixture(params=["local", "s3"])
-def where(request, tmp_path):
-    """An output location on local disk, or on the moto S3 server (delta-rs commits with conditional puts),
-    and the options `deltalake` needs to read it there."""
-    if request.param == "local":
-        return str(tmp_path / "out"), None
-    s3, endpoint = request.getfixturevalue("s3"), request.getfixturevalue("s3_server")
-    return f"s3://{s3.buckets['out']}/tags", {
-        "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"}
 
 
 def test_concurrent_commits_lose_none(where):
