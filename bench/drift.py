@@ -27,8 +27,8 @@ from throughput import OUT, VARIANTS, machine  # noqa: E402
 
 def main() -> None:
     import numpy as np
-    import pyarrow.parquet as pq
     from corpus import shapes_corpus
+    from deltalake import DeltaTable
 
     from mlcls.bundle import load_bundle
     from mlcls.tag.job import TagOptions, tag_images
@@ -51,7 +51,7 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         opts = {"device": a.device, "batch_size": 64, **VARIANTS[name]}
         tag_images(corpus, out, a.model, TagOptions(**opts))
-        t = pq.read_table(out).to_pydict()
+        t = DeltaTable(out).to_pyarrow_dataset().to_table().to_pydict()
         return {u: (np.array([p[c] for c in classes]), frozenset(lb)) for u, p, lb in
                 zip(t["uri"], t["probs"], t["labels"], strict=True)}
 

@@ -33,7 +33,7 @@ from mlcls.output.table import check_output
 from mlcls.storage import StorageOptions, join, list_dir, read_file, url_to_fs, write_atomic
 from mlcls.tag.compiling import parse_compile, should_compile
 from mlcls.tag.engine import PRECISIONS, Engine, Pending, get_engine, has_engine, resolve_device
-from mlcls.tag.loader import Loader, default_decode_workers
+from mlcls.tag.loader import POOLS, Loader, default_decode_workers, default_pool
 from mlcls.tag.plan import RunPlan, Shard, iter_shards, read_shard, remove_manifests, run_dir
 
 _ERROR_SAMPLE = 20
@@ -55,6 +55,7 @@ class TagOptions:
     compile: str = "auto"  # auto, on or off (`mlcls.tag.compiling.should_compile`); booleans mean on/off
     gpu_decode: float = 1.0
     retry_errors: bool = False  # tag again files with decode/empty/too_large error rows (`read` rows always are)
+    decode_pool: str = "auto"  # threads, processes, dataloader; auto: `mlcls.tag.loader.default_pool`
 
     def validate(self) -> TagOptions:
         """Raise `OptionError` for a value that cannot work; return self."""
@@ -74,6 +75,8 @@ class TagOptions:
             object.__setattr__(self, "compile", parse_compile(self.compile))
         except ValueError as err:
             raise OptionError(str(err)) from None
+        if self.decode_pool not in ("auto", *POOLS):
+            raise OptionError(f"decode pool {self.decode_pool!r}: use auto or one of {', '.join(POOLS)}")
         if not isinstance(self.retry_errors, bool):
             raise OptionError(f"--retry-errors is on or off, not {self.retry_errors!r}")
         ProbsMode.parse(self.probs)
@@ -177,7 +180,8 @@ def get_loader(bundle: Bundle, options: TagOptions, engine: Engine, *, remote: b
     workers = options.workers or default_decode_workers(device_type)
     io_workers = options.io_workers or (32 if remote else 8)
     gpu = device_type == "cuda" and options.gpu_decode > 0
-    key = (bundle.preprocess, options.batch_size, workers, io_workers, options.max_pixels, options.draft,
+    pool = default_pool(device_type, workers) if options.decode_pool == "auto" else options.decode_pool
+    key = (bundle.preprocess, options.batch_size, workers, io_workers, options.max_pixels, options.draft, pool,
            str(engine.device), options.gpu_decode if gpu else 0.0,
            json.dumps(storage_options or {}, sort_keys=True, default=str))
     with _CACHE_LOCK:
@@ -187,7 +191,8 @@ def get_loader(bundle: Bundle, options: TagOptions, engine: Engine, *, remote: b
                 bundle.preprocess, decode_workers=workers, io_workers=io_workers, max_pixels=options.max_pixels,
                 draft=options.draft, storage_options=storage_options, pin_memory=device_type == "cuda",
                 gpu_decoder=GpuJpegDecoder(bundle.preprocess, engine.device) if gpu else None,
-                gpu_share=options.gpu_decode, ring_images=max(1024, 4 * options.batch_size))
+                gpu_share=options.gpu_decode, ring_images=max(1024, 4 * options.batch_size),
+                processes=pool == "processes", dataloader=pool == "dataloader")
         return loader
 
 

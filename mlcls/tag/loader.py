@@ -16,6 +16,12 @@ Two ways to run the workers, chosen by how many there are:
 
 Either way the pool lives for the process, not for one shard, and at most
 `prefetch` batches are in flight.
+
+- torch's `DataLoader` (`dataloader=True`): an IterableDataset over the
+  shard, worker k reading and decoding every k-th batch with the same
+  `load_chunk` (retried reads, an error row per bad file) and stacking uint8
+  pixels; workers are forked per shard (tens of milliseconds), which is what
+  lets them see the shard's records without a queue of our own.
 """
 
 from __future__ import annotations
@@ -41,6 +47,22 @@ from mlcls.sources import FileRecord
 from mlcls.storage import StorageOptions, read_one
 
 PROCESS_THRESHOLD = 4  # this many decode workers or more run as processes
+
+
+POOLS = ("threads", "processes", "dataloader")
+
+
+def default_pool(device_type: str, workers: int) -> str:
+    """Which decode pool runs by default (`bench/RESULTS.md`, decode workers A/B).
+
+    On a CPU, torch's DataLoader: it decoded 15–38% faster than our threads or
+    processes on the 2-core machines, and fed the model faster end to end. On
+    a GPU box our processes with the shared-memory ring stay until the A/B
+    there (`bench/gpu_device.sh`) decides: unmeasured on a GPU so far.
+    """
+    if device_type != "cuda":
+        return "dataloader"
+    return "processes" if workers >= PROCESS_THRESHOLD else "threads"
 
 
 def default_decode_workers(device_type: str) -> int:
@@ -72,7 +94,7 @@ class Loader:
     def __init__(self, preprocess: Preprocess, *, decode_workers: int = 1, io_workers: int = 8,
                  max_pixels: int | None = None, draft: bool = True, storage_options: StorageOptions = None,
                  pin_memory: bool = False, gpu_decoder: GpuJpegDecoder | None = None, gpu_share: float = 1.0,
-                 processes: bool | None = None, ring_images: int = 1024) -> None:
+                 processes: bool | None = None, ring_images: int = 1024, dataloader: bool = False) -> None:
         self.preprocess = preprocess
         self.config = LoadConfig(preprocess=preprocess, draft=draft,
                                  gpu_share=gpu_share if gpu_decoder is not None else 0.0,
@@ -82,6 +104,7 @@ class Loader:
         self.pin_memory = pin_memory
         self.processes = decode_workers >= PROCESS_THRESHOLD if processes is None else processes
         self.decode_workers = decode_workers
+        self.dataloader = dataloader
         self._decode_slots = threading.Semaphore(decode_workers)
         self._pool: Executor
         if self.processes:
@@ -127,6 +150,9 @@ class Loader:
 
     def batches(self, records: Iterable[FileRecord], batch_size: int, prefetch: int = 3) -> Iterator[ImageBatch]:
         """Batches of `batch_size` records; decoding runs `prefetch` batches ahead."""
+        if self.dataloader:
+            yield from self._dataloader_batches(list(records), batch_size, prefetch)
+            return
         chunk: list[tuple[FileRecord, Decoded]] = []
         for item in self.decoded(records, window=batch_size * prefetch, held=batch_size):
             chunk.append(item)
@@ -135,6 +161,22 @@ class Loader:
                 chunk = []
         if chunk:
             yield self._collate(chunk)
+
+    def _dataloader_batches(self, records: list[FileRecord], batch_size: int, prefetch: int) -> Iterator[ImageBatch]:
+        from torch.utils.data import DataLoader
+
+        workers = max(1, min(self.decode_workers, -(-len(records) // batch_size)))
+        loader = DataLoader(_ShardBatches(records, self.config, batch_size, self.preprocess.size), batch_size=None,
+                            num_workers=workers, prefetch_factor=max(1, prefetch // workers + 1),
+                            pin_memory=self.pin_memory, multiprocessing_context=_context())
+        expected = 0
+        for start, pixels, decoded in loader:
+            if start != expected:  # rows are matched to records by position: never hand on a batch out of order
+                raise RuntimeError(f"decode workers returned batch {start}, expected {expected}")
+            expected += len(decoded)
+            ok = [i for i, d in enumerate(decoded) if d.error is None and d.jpeg is None]
+            gpu = [i for i, d in enumerate(decoded) if d.jpeg is not None]
+            yield ImageBatch(records=records[start:expected], decoded=decoded, ok=ok, pixels=pixels, gpu=gpu)
 
     def _collate(self, chunk: list[tuple[FileRecord, Decoded]]) -> ImageBatch:
         ok = [i for i, (_, d) in enumerate(chunk) if d.pixels is not None]
@@ -174,6 +216,28 @@ class Loader:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _ShardBatches(torch.utils.data.IterableDataset):
+    """A shard's records as batches of (first position, uint8 pixels, decode results); worker k takes every k-th
+    batch, so the DataLoader's round-robin hands them back in order."""
+
+    def __init__(self, records: list[FileRecord], config: LoadConfig, batch_size: int, size: int) -> None:
+        self.records, self.config, self.batch_size, self.size = records, config, batch_size, size
+
+    def __iter__(self) -> Iterator[tuple[int, torch.Tensor, list[Decoded]]]:
+        info = torch.utils.data.get_worker_info()
+        n, k = (info.num_workers, info.id) if info else (1, 0)
+        for j, start in enumerate(range(0, len(self.records), self.batch_size)):
+            if j % n != k:
+                continue
+            chunk = self.records[start:start + self.batch_size]
+            decoded = load_chunk([r.uri for r in chunk], self.config, None, 0, [r.size for r in chunk])
+            ok = [d.pixels for d in decoded if d.pixels is not None]
+            pixels = np.stack(ok) if ok else np.empty((0, self.size, self.size, 3), np.uint8)
+            for d in decoded:
+                d.pixels = None
+            yield start, torch.from_numpy(pixels), decoded
 
 
 def _context() -> multiprocessing.context.BaseContext:
