@@ -53,15 +53,15 @@ POOLS = ("threads", "processes", "dataloader")
 
 
 def default_pool(device_type: str, workers: int) -> str:
-    """Which decode pool runs by default (`bench/RESULTS.md`, decode workers A/B).
+    """Which decode pool runs by default: our threads (few workers) or processes with the ring (many).
 
-    On a CPU, torch's DataLoader: it decoded 15–38% faster than our threads or
-    processes on the 2-core machines, and fed the model faster end to end. On
-    a GPU box our processes with the shared-memory ring stay until the A/B
-    there (`bench/gpu_device.sh`) decides: unmeasured on a GPU so far.
+    torch's DataLoader (`decode_pool="dataloader"`) decoded 15–38% faster
+    on a 2-core machine (`bench/RESULTS.md`), but is not the default yet: in a
+    Prefect task reading S3 through the test suite's fault proxy its forked
+    workers exited with status 1 and no traceback, failing the shard, where
+    the thread pool tags every image. Until that is understood it stays
+    opt-in, and the pools we own stay.
     """
-    if device_type != "cuda":
-        return "dataloader"
     return "processes" if workers >= PROCESS_THRESHOLD else "threads"
 
 

@@ -11,7 +11,7 @@ from mlcls.output.reader import OutputTable
 from mlcls.tag.job import TagOptions, tag_images
 from tests.helpers.images import bad_input_catalogue, write_images
 
-OPTS = TagOptions(batch_size=4, shard_size=6, workers=2)
+OPTS = TagOptions(batch_size=4, shard_size=6, workers=2, decode_pool="threads")  # storage is patched in this process
 
 
 @pytest.fixture()
