@@ -76,9 +76,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=None,
                    help="model input side (default: the images' median shorter side, a multiple of 32, at most 224)")
-    p.add_argument("--resize-mode", default="squash", choices=["squash", "shorter"],
+    p.add_argument("--resize-mode", default=None, choices=["squash", "shorter"],
                    help="squash: the whole image resized to a square (default; no labelled object is cut off); "
-                        "shorter: shorter side to --resize-size, then a centre crop")
+                        "shorter: shorter side to --resize-size, then a centre crop (default with --resize-size)")
     p.add_argument("--resize-size", type=int, default=None,
                    help="with --resize-mode shorter: shorter side before the crop (default size*8/7)")
     p.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
@@ -163,7 +163,8 @@ def _train_config(args: argparse.Namespace) -> Any:
 def _preprocess(args: argparse.Namespace) -> Any:
     from mlcls.train.input_size import InputChoice
 
-    return InputChoice(size=args.size, resize_mode=args.resize_mode, resize_size=args.resize_size).check()
+    mode = args.resize_mode or ("shorter" if args.resize_size else "squash")
+    return InputChoice(size=args.size, resize_mode=mode, resize_size=args.resize_size).check()
 
 
 def cmd_train(args: argparse.Namespace) -> int:
