@@ -2,7 +2,7 @@
 
     python bench/train_vs_loop.py                          # 1,500 train / 500 test canvases (issue 14's size)
     python bench/train_vs_loop.py --train 600 --test 200 --loop-epochs 3   # a quick smoke run
-    python bench/train_vs_loop.py --mlcls-cmd "python -m mlcls.cli"            # another checkout's mlcls ("before")
+    python bench/train_vs_loop.py --mlcls-cmd "env PYTHONPATH=../main python -m mlcls.cli"   # another checkout
 
 Real images, offline: scikit-learn's `load_digits` (1,797 scanned 8x8
 handwritten digits). The digits are split first (train and test canvases
@@ -147,7 +147,7 @@ def run_mlcls(cmd: str, labels: str, images: str, out: str, arch: str, extra: li
     argv = [*shlex.split(cmd), "train", labels, "--images", images, "--arch", arch, "--out", out, "-q", *extra]
     print("  $", " ".join(argv), flush=True)
     started = time.perf_counter()
-    subprocess.run(argv, check=True)
+    subprocess.run(argv, check=True, cwd=os.path.dirname(out))  # not this checkout: `-m` puts the cwd first
     return time.perf_counter() - started
 
 
