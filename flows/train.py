@@ -59,7 +59,7 @@ def train_task(spec: LabelsSpec, out: str, cfg: dict[str, Any], pre: dict[str, A
 def train_bundle(labels: str, out: str, images: str | None = None, arch: str = "resnet50",
                  weights: str | None = "auto", epochs: int | None = None, freeze_epochs: int | None = None,
                  batch_size: int = 32, lr: float = 1e-3, loss: str = "bce", pos_weight: bool = False,
-                 size: int | None = None, resize_mode: str = "squash", resize_size: int | None = None,
+                 size: int | None = None, resize_mode: str | None = None, resize_size: int | None = None,
                  val_fraction: float = 0.2, seed: int = 0,
                  device: str = "auto", classes: list[str] | None = None, name: str | None = None,
                  storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -67,7 +67,8 @@ def train_bundle(labels: str, out: str, images: str | None = None, arch: str = "
     route_library_logs()
     cfg = TrainConfig(arch=arch, epochs=epochs, freeze_epochs=freeze_epochs, batch_size=batch_size, lr=lr,
                       loss=loss, pos_weight=pos_weight, seed=seed, device=device).validate()
-    pre = InputChoice(size=size, resize_mode=resize_mode, resize_size=resize_size).check()
+    mode = resize_mode or ("shorter" if resize_size else "squash")  # as `mlcls train`
+    pre = InputChoice(size=size, resize_mode=mode, resize_size=resize_size).check()
     spec = LabelsSpec(path=labels, images=images, val_fraction=val_fraction, seed=seed)
     summary = train_task(spec, out, cfg.to_dict(), asdict(pre), weights, classes, name, storage_options)
     create_table_artifact(key=TRAIN_ARTIFACT, table=[{"item": k, "value": v} for k, v in summary.items()],
