@@ -66,7 +66,7 @@ def run(tmp: str, args: argparse.Namespace) -> dict:
     labels = write_dataset(os.path.join(tmp, "trainval"), n, seed=0, cfg=HARD, val_fraction=args.val / n)
     test = write_dataset(os.path.join(tmp, "test"), args.test, seed=1, cfg=HARD)
     generated = time.perf_counter() - started
-    cfg = TrainConfig(arch=args.arch, epochs=args.epochs, batch_size=32, lr=3e-3, vflip=True, crop_scale=(0.7, 1.0),
+    cfg = TrainConfig(arch=args.arch, epochs=args.epochs, batch_size=32, lr=3e-3, vflip=True,
                       loss=args.loss, seed=0)
     pre = Preprocess(size=args.size, resize_size=round(args.size * 17 / 16))
     trained = train_from_labels(LabelsSpec(labels), os.path.join(tmp, "bundle"), cfg=cfg, pre=pre,

@@ -11,6 +11,7 @@ so a lost worker costs at most one epoch. The library's own log records
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -20,9 +21,9 @@ from prefect.runtime import task_run
 
 from flows.logs import route_library_logs
 from mlcls.errors import MlclsError
-from mlcls.images.preprocess import Preprocess
 from mlcls.train.eval_job import ScoreOptions, eval_bundle
 from mlcls.train.eval_report import json_safe
+from mlcls.train.input_size import InputChoice
 from mlcls.train.labels import LabelsSpec
 from mlcls.train.train_job import has_checkpoint, train_from_labels
 from mlcls.train.trainer import TrainConfig
@@ -43,7 +44,7 @@ def train_task(spec: LabelsSpec, out: str, cfg: dict[str, Any], pre: dict[str, A
                ) -> dict[str, Any]:
     """Train and write the bundle; a retry resumes from the checkpoint of the failed attempt."""
     resume = task_run.get_run_count() > 1 and has_checkpoint(out, storage_options)
-    trained = train_from_labels(spec, out, cfg=TrainConfig.from_dict(cfg), pre=Preprocess.from_dict(pre),
+    trained = train_from_labels(spec, out, cfg=TrainConfig.from_dict(cfg), pre=InputChoice(**pre).check(),
                                 classes=classes, weights=weights, name=name, resume=resume,
                                 storage_options=storage_options)
     v = trained.bundle.metrics["validation"]
@@ -56,18 +57,20 @@ def train_task(spec: LabelsSpec, out: str, cfg: dict[str, Any], pre: dict[str, A
 
 @flow(name="train-bundle", log_prints=False)
 def train_bundle(labels: str, out: str, images: str | None = None, arch: str = "resnet50",
-                 weights: str | None = "auto", epochs: int = 10, freeze_epochs: int | None = None,
-                 batch_size: int = 32, lr: float = 2e-3, loss: str = "bce", pos_weight: bool = False,
-                 size: int = 224, resize_size: int | None = None, val_fraction: float = 0.2, seed: int = 0,
+                 weights: str | None = "auto", epochs: int | None = None, freeze_epochs: int | None = None,
+                 batch_size: int = 32, lr: float = 1e-3, loss: str = "bce", pos_weight: bool = False,
+                 size: int | None = None, resize_mode: str | None = None, resize_size: int | None = None,
+                 val_fraction: float = 0.2, seed: int = 0,
                  device: str = "auto", classes: list[str] | None = None, name: str | None = None,
                  storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fine-tune `arch` on the labels file and write a bundle with calibrated thresholds to `out`."""
     route_library_logs()
     cfg = TrainConfig(arch=arch, epochs=epochs, freeze_epochs=freeze_epochs, batch_size=batch_size, lr=lr,
                       loss=loss, pos_weight=pos_weight, seed=seed, device=device).validate()
-    pre = Preprocess(size=size, resize_size=resize_size or round(size * 8 / 7))
+    mode = resize_mode or ("shorter" if resize_size else "squash")  # as `mlcls train`
+    pre = InputChoice(size=size, resize_mode=mode, resize_size=resize_size).check()
     spec = LabelsSpec(path=labels, images=images, val_fraction=val_fraction, seed=seed)
-    summary = train_task(spec, out, cfg.to_dict(), pre.to_dict(), weights, classes, name, storage_options)
+    summary = train_task(spec, out, cfg.to_dict(), asdict(pre), weights, classes, name, storage_options)
     create_table_artifact(key=TRAIN_ARTIFACT, table=[{"item": k, "value": v} for k, v in summary.items()],
                           description=f"`{summary['model']}` trained on `{labels}`")
     return summary

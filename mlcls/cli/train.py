@@ -53,23 +53,34 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--classes", default=None, metavar="FILE_OR_CSV",
                    help="class names and order (default: every label in the file, sorted)")
     p.add_argument("--name", default=None, help="bundle name (default: the --out folder's name)")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=None,
+                   help="passes over the data (default: enough for about 450 steps, 4 to 30)")
     p.add_argument("--freeze-epochs", type=int, default=None,
-                   help="epochs training only the new head (default: 1 with pretrained weights, else 0)")
+                   help="epochs training only a new head (default: 1 when pretrained weights get a new head, else 0)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--lr", type=float, default=1e-3,
+                   help="peak learning rate: short warm-up, flat, cosine anneal over the last 30%% (default 1e-3)")
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--loss", default="bce", choices=["bce", "focal", "asl"])
     p.add_argument("--pos-weight", action="store_true", help="BCE pos_weight n_neg/n_pos per class (clipped to 10)")
-    p.add_argument("--no-augment", action="store_true", help="no random resized crop and flip")
+    p.add_argument("--no-augment", action="store_true", help="no augmentation at all")
+    p.add_argument("--no-hflip", action="store_true", help="no horizontal flips (text, digits, anything handed)")
     p.add_argument("--vflip", action="store_true", help="also flip vertically (aerial, microscopy, shapes)")
-    p.add_argument("--crop-scale", type=float, default=0.6, metavar="MIN",
-                   help="random crops keep at least this share of the image's area (default 0.6)")
-    p.add_argument("--no-amp", action="store_true", help="no autocast on CUDA")
+    p.add_argument("--scale", type=float, default=0.85, metavar="MIN",
+                   help="augmentation shrinks the whole image to between MIN and 1 of its side; it never crops "
+                        "(default 0.85)")
+    p.add_argument("--no-amp", action="store_true", help="plain fp32 (default: bf16 autocast on CUDA and on CPUs "
+                                                        "with AMX or AVX-512 BF16)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on long runs)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="validation share without is_valid (0.2)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=224, help="model input side (default 224)")
-    p.add_argument("--resize-size", type=int, default=None, help="shorter side before the crop (default size*8/7)")
+    p.add_argument("--size", type=int, default=None,
+                   help="model input side (default: the images' median shorter side, a multiple of 32, at most 224)")
+    p.add_argument("--resize-mode", default=None, choices=["squash", "shorter"],
+                   help="squash: the whole image resized to a square (default; no labelled object is cut off); "
+                        "shorter: shorter side to --resize-size, then a centre crop (default with --resize-size)")
+    p.add_argument("--resize-size", type=int, default=None,
+                   help="with --resize-mode shorter: shorter side before the crop (default size*8/7)")
     p.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
     p.add_argument("--half", action="store_true", help="store the weights as float16 (half the file)")
     _add_labels_args(p)
@@ -144,20 +155,16 @@ def _train_config(args: argparse.Namespace) -> Any:
     resolve_device(args.device)
     return TrainConfig(arch=args.arch, epochs=args.epochs, freeze_epochs=args.freeze_epochs,
                        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
-                       device=args.device, augment=not args.no_augment, vflip=args.vflip,
-                       crop_scale=(args.crop_scale, 1.0), loss=args.loss,
-                       pos_weight=args.pos_weight, amp=not args.no_amp).validate()
+                       device=args.device, augment=not args.no_augment, hflip=not args.no_hflip, vflip=args.vflip,
+                       scale=(args.scale, 1.0), loss=args.loss, pos_weight=args.pos_weight, amp=not args.no_amp,
+                       compile=args.compile).validate()
 
 
 def _preprocess(args: argparse.Namespace) -> Any:
-    from mlcls.images.preprocess import Preprocess
+    from mlcls.train.input_size import InputChoice
 
-    if args.size < 16:
-        raise OptionError(f"--size must be at least 16, not {args.size}")
-    resize = args.resize_size or round(args.size * 8 / 7)
-    if resize < args.size:
-        raise OptionError(f"--resize-size ({resize}) must be at least --size ({args.size})")
-    return Preprocess(size=args.size, resize_size=resize)
+    mode = args.resize_mode or ("shorter" if args.resize_size else "squash")
+    return InputChoice(size=args.size, resize_mode=mode, resize_size=args.resize_size).check()
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -175,8 +182,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                                     weights_dtype="float16" if args.half else "float32")
     v = trained.bundle.metrics["validation"]
     say(f"[bold]wrote bundle {args.out}[/bold]: {trained.bundle.model_id}, "
-        f"{len(trained.bundle.classes)} classes, best epoch {trained.result.best_epoch} of "
-        f"{cfg.epochs}, {trained.result.seconds:.0f} s")
+        f"{len(trained.bundle.classes)} classes, {trained.bundle.preprocess.size} px, best epoch "
+        f"{trained.result.best_epoch} of {trained.result.epochs}, {trained.result.seconds:.0f} s")
     say(f"validation ({trained.val_images} images): mAP {v['mAP']:.4f}, macro-F1 "
         f"{v['at_thresholds']['macro_f1']:.4f} at calibrated thresholds "
         f"({v['at_0.5']['macro_f1']:.4f} at 0.5), Hamming loss {v['at_thresholds']['hamming_loss']:.4f}")

@@ -27,7 +27,7 @@ from mlcls.train.trainer import TrainConfig
 
 DEMO_PREPROCESS = Preprocess(size=96, resize_size=102)
 DEMO_TRAIN = TrainConfig(arch="mobilenet_v3_small", epochs=12, batch_size=32, lr=3e-3, weight_decay=1e-4,
-                         vflip=True, crop_scale=(0.85, 1.0), crop_ratio=(1.0, 1.0), seed=0)
+                         vflip=True, scale=(0.85, 1.0), seed=0)
 DEMO_DATA = SynthConfig(size=128, classes=DEMO_CLASSES, min_radius=0.15, max_radius=0.28, p_blur=0.2, clutter=3)
 
 

@@ -22,6 +22,7 @@ from mlcls.errors import BundleError, LabelsError, OptionError
 from mlcls.images.preprocess import Preprocess
 from mlcls.storage import StorageOptions, check_folder, join, remove, stat, url_to_fs
 from mlcls.train.image_cache import check_memory, load_pixels, stored_preprocess
+from mlcls.train.input_size import InputChoice, resolve_preprocess
 from mlcls.train.labels import LabelsSpec, LabelTable, multi_hot, read_labels, split
 from mlcls.train.labels import check_class_positives as check_positives
 from mlcls.train.trainer import TrainConfig, TrainResult, fit, write_bundle
@@ -60,19 +61,23 @@ class TrainingPlan:
     val_idx: np.ndarray
     init: InitWeights | None
     checkpoint: str
+    pre: Preprocess
 
 
-def train_from_labels(spec: LabelsSpec, out: str, *, cfg: TrainConfig, pre: Preprocess,
+def train_from_labels(spec: LabelsSpec, out: str, *, cfg: TrainConfig, pre: Preprocess | InputChoice,
                       classes: Sequence[str] | None = None, weights: str | None = None, name: str | None = None,
                       resume: bool = False, checkpoint: str | None = None, workers: int = 8,
                       weights_dtype: str = "float32", storage_options: StorageOptions = None,
                       extra: dict | None = None) -> Trained:
     """Read labels, split, load images once, train, calibrate, and write the bundle to `out`.
 
-    `extra` goes into the bundle's training record (over the defaults: labels, weights, image counts).
+    `pre` is the preprocessing, or the user's `InputChoice` (size from the
+    images unless given). `extra` goes into the bundle's training record
+    (over the defaults: labels, weights, image counts).
     """
     plan = plan_training(spec, out, cfg=cfg, pre=pre, classes=classes, weights=weights, resume=resume,
                          checkpoint=checkpoint, storage_options=storage_options)
+    pre = plan.pre
     train_x, train_y, val_x, val_y, val_uris = load_split(plan, pre, workers=workers,
                                                           storage_options=storage_options)
     logger.info("%d training images (%d with no labels), %d validation images, %d px", len(train_y),
@@ -89,7 +94,7 @@ def train_from_labels(spec: LabelsSpec, out: str, *, cfg: TrainConfig, pre: Prep
     return Trained(bundle=bundle, result=result, train_images=len(train_y), val_uris=val_uris)
 
 
-def plan_training(spec: LabelsSpec, out: str, *, cfg: TrainConfig, pre: Preprocess,
+def plan_training(spec: LabelsSpec, out: str, *, cfg: TrainConfig, pre: Preprocess | InputChoice,
                   classes: Sequence[str] | None, weights: str | None, resume: bool, checkpoint: str | None,
                   storage_options: StorageOptions) -> TrainingPlan:
     """Every check that needs no image: options, labels, split, classes, weights, input size, memory, output."""
@@ -102,12 +107,13 @@ def plan_training(spec: LabelsSpec, out: str, *, cfg: TrainConfig, pre: Preproce
                     multi_hot([table.labels[i] for i in val_idx], names), names)
     init = load_init_weights(weights, cfg.arch, len(names), storage_options)
     logger.info("%s, %d classes, %s", cfg.arch, len(names), init.describe() if init else "random init")
+    pre = resolve_preprocess(pre, [table.uris[i] for i in train_idx], storage_options)
     check_forward(build_model(cfg.arch, len(names), None).eval(), cfg.arch, pre.size, len(names))
     check_memory(len(table.uris), pre.resize_size, "images")
     check_folder(out, "--out", storage_options)
     ckpt = checkpoint or default_checkpoint(out)
     _check_checkpoint(ckpt, resume, storage_options)
-    return TrainingPlan(spec, table, names, train_idx, val_idx, init, ckpt)
+    return TrainingPlan(spec, table, names, train_idx, val_idx, init, ckpt, pre)
 
 
 def load_split(plan: TrainingPlan, pre: Preprocess, *, workers: int,

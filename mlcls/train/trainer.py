@@ -7,18 +7,26 @@ calibrated per class on the validation split (`metrics.calibrate_thresholds`)
 and stored in the bundle with the validation metrics, so `mlcls tag` applies
 exactly what was measured.
 
-The shape is fastai's `fine_tune`: with pretrained weights the backbone is
-frozen for the first epoch (only the new head learns), then everything
-trains; AdamW with one one-cycle schedule; autocast on CUDA. After each
-epoch batch-norm statistics are recomputed exactly ("precise BN"), the
-model is validated, and the epoch with the best validation mAP is kept. The
-whole run state (model, optimiser, schedule, random generators, best so
-far) is checkpointed after every epoch (`checkpoint.py`), so a run that
-dies resumes where it stopped and ends exactly as an uninterrupted one.
+The defaults are measured against the loop a user writes by hand (issue 14,
+bench/train_vs_loop.py): AdamW at 1e-3 with a warm-up, a flat stretch and a
+cosine anneal (`schedule.py`), as many epochs as give the data set a few
+hundred steps, augmentation that keeps every label true (`augment.py`). With
+pretrained weights whose head had to be replaced, the backbone is frozen for
+the first epoch (only the new head learns); from random init, or from
+weights whose head fits, nothing is frozen. bf16 autocast runs where the
+hardware computes bf16 natively (CUDA, CPUs with AMX or AVX-512 BF16), with
+channels-last tensors; `compile` wraps the model in `torch.compile`.
 
-Images are decoded once into uint8 arrays (`mlcls.train.image_cache`) and augmented as
-tensors on the device (`augment.py`), which keeps a CPU busy with the model
-instead of with JPEG decoding every epoch. Validation images go through the
+Only the epochs of the anneal are validated (the best weights are there):
+batch-norm statistics are then recomputed exactly ("precise BN"), the
+model is validated, and the validated epoch with the best mAP is kept. The
+whole run state is checkpointed after every epoch (`checkpoint.py`), so a
+run that dies resumes where it stopped and ends exactly as an
+uninterrupted one.
+
+Images are decoded once into uint8 arrays (`mlcls.train.image_cache`) and
+augmented as tensors on the device, which keeps a CPU busy with the model
+instead of with decoding every epoch. Validation images go through the
 exact inference preprocessing, so validation metrics are tagging metrics.
 """
 
@@ -28,7 +36,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -41,13 +49,14 @@ from mlcls.bundle import Bundle, save_bundle
 from mlcls.errors import OptionError
 from mlcls.images.preprocess import Preprocess, resize_crop
 from mlcls.storage import StorageOptions
-from mlcls.tag.engine import Normaliser, resolve_device
+from mlcls.tag.engine import Normaliser, resolve_device, resolve_precision
 from mlcls.train import metrics
 from mlcls.train.augment import Augment, centre
 from mlcls.train.checkpoint import fingerprint, load_checkpoint, save_checkpoint
 from mlcls.train.image_cache import stored_preprocess
 from mlcls.train.labels import multi_hot
 from mlcls.train.losses import LOSSES, auto_pos_weight, make_loss
+from mlcls.train.schedule import MAX_EPOCHS, default_epochs, lr_factor, validated_epochs
 from mlcls.train.weights import InitWeights, head_parameters, init_model
 
 logger = logging.getLogger(__name__)
@@ -57,39 +66,53 @@ __all__ = ["Augment", "TrainConfig", "TrainResult", "Trainer", "eval_pixels", "f
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training hyper-parameters; defaults suit fine-tuning a small pretrained model on a CPU.
+    """Training hyper-parameters; the defaults suit random init and fine-tuning alike (bench/RESULTS.md).
 
-    `freeze_epochs=None` means one frozen-backbone epoch with pretrained
-    weights and none from random init (a random backbone has nothing to keep).
-    `precise_bn` training images recompute batch-norm statistics after each
-    epoch (0: keep the moving averages).
+    `epochs=None` picks the passes from the data set's size
+    (`schedule.default_epochs`). `freeze_epochs=None` means one
+    frozen-backbone epoch when pretrained weights came with a head that had
+    to be replaced, and none otherwise (a random backbone has nothing to
+    keep; a fitting head needs no warm-up alone). `warmup` and `anneal` are
+    shares of the steps (`schedule.lr_factor`). `scale` is the range of
+    the augmented content's side (zoom out only), `jitter` the brightness
+    and contrast change. `precise_bn` training images recompute batch-norm
+    statistics before each validation (0: keep the moving averages).
     """
 
     arch: str = "mobilenet_v3_small"
-    epochs: int = 10
+    epochs: int | None = None
     freeze_epochs: int | None = None
     batch_size: int = 32
-    lr: float = 2e-3
+    lr: float = 1e-3
     weight_decay: float = 1e-4
+    warmup: float = 0.03
+    anneal: float = 0.3
     seed: int = 0
     device: str = "auto"
     augment: bool = True
-    crop_scale: tuple[float, float] = (0.6, 1.0)  # milder than ImageNet's 0.08: a crop must keep the objects
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    scale: tuple[float, float] = (0.85, 1.0)
+    hflip: bool = True
     vflip: bool = False
+    jitter: float = 0.1
     loss: str = "bce"
     pos_weight: bool = False
     amp: bool = True
+    compile: bool = False
     precise_bn: int = 1024
 
     def validate(self) -> TrainConfig:
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.weight_decay < 0:
+        if (self.epochs is not None and self.epochs < 1) or self.batch_size < 1 or self.lr <= 0 \
+                or self.weight_decay < 0:
             raise OptionError("--epochs and --batch-size must be >= 1, --lr > 0 and --weight-decay >= 0")
-        if self.freeze_epochs is not None and not 0 <= self.freeze_epochs <= self.epochs:
+        if self.freeze_epochs is not None and not 0 <= self.freeze_epochs <= (self.epochs or MAX_EPOCHS):
             raise OptionError(f"--freeze-epochs must be between 0 and --epochs ({self.epochs})")
-        lo, hi = self.crop_scale
+        lo, hi = self.scale
         if not 0 < lo <= hi <= 1:
-            raise OptionError(f"--crop-scale must be in (0, 1], not {lo}")
+            raise OptionError(f"--scale must be in (0, 1] (the content is shrunk, never cropped), not {lo}")
+        if not (0 <= self.warmup < 1 and 0 <= self.anneal <= 1 and self.warmup + self.anneal <= 1):
+            raise OptionError("warm-up and anneal are shares of the steps: each in [0, 1], together at most 1")
+        if not 0 <= self.jitter < 1:
+            raise OptionError(f"--jitter must be in [0, 1), not {self.jitter}")
         if self.loss not in LOSSES:
             raise OptionError(f"--loss {self.loss!r}: use one of {', '.join(LOSSES)}")
         if self.precise_bn < 0:
@@ -98,10 +121,16 @@ class TrainConfig:
             raise OptionError(f"--pos-weight goes with --loss bce; {self.loss} balances classes its own way")
         return self
 
-    def frozen_epochs(self, pretrained: bool) -> int:
+    def for_data(self, train_images: int) -> TrainConfig:
+        """This config with `epochs` fixed: the given number, or the one that fits `train_images`."""
+        if self.epochs is not None:
+            return self
+        return replace(self, epochs=default_epochs(train_images, self.batch_size)).validate()
+
+    def frozen_epochs(self, init: InitWeights | None) -> int:
         if self.freeze_epochs is not None:
             return self.freeze_epochs
-        return 1 if pretrained and self.epochs > 1 else 0
+        return 1 if init is not None and init.dropped and (self.epochs or 0) > 1 else 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -112,9 +141,8 @@ class TrainConfig:
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise OptionError(f"unknown training options: {', '.join(sorted(unknown))}")
-        for key in ("crop_scale", "crop_ratio"):
-            if key in d:
-                d[key] = tuple(d[key])
+        if "scale" in d:
+            d["scale"] = tuple(d["scale"])
         return cls(**d).validate()
 
 
@@ -130,6 +158,8 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
     best_epoch: int = 0
+    epochs: int = 0
+    precision: str = "fp32"
 
 
 def train_pixels(images: Iterable[Image.Image], pre: Preprocess) -> np.ndarray:
@@ -148,21 +178,25 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, pre: Preprocess, num_classes: int, steps_per_epoch: int, *,
                  init: InitWeights | None = None, pos_weight: torch.Tensor | None = None) -> None:
+        assert cfg.epochs is not None, "fix the epochs first: cfg.for_data(train_images)"
         torch.manual_seed(cfg.seed)
-        self.cfg, self.steps = cfg, steps_per_epoch
+        self.cfg, self.steps, self.epochs = cfg, steps_per_epoch, cfg.epochs
         self.device = resolve_device(cfg.device)
         self.model = init_model(cfg.arch, num_classes, init).to(self.device).to(memory_format=torch.channels_last)
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.normalise = Normaliser(pre, self.device)
-        self.augment = Augment(pre.size, scale=cfg.crop_scale, ratio=cfg.crop_ratio, vflip=cfg.vflip)
+        self.augment = Augment(pre.size, scale=cfg.scale, hflip=cfg.hflip, vflip=cfg.vflip, jitter=cfg.jitter)
         self.size = pre.size
         self.loss_fn = make_loss(cfg.loss, pos_weight=None if pos_weight is None else pos_weight.to(self.device))
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, max_lr=cfg.lr, pct_start=0.25,
-                                                         total_steps=cfg.epochs * steps_per_epoch)
-        self.amp = _amp_dtype(self.device) if cfg.amp else None
+        total = self.epochs * steps_per_epoch
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda step: lr_factor(step, total, cfg.warmup, cfg.anneal))
+        self.amp = resolve_precision("auto", self.device) if cfg.amp else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.head = {id(p) for p in head_parameters(self.model, cfg.arch, num_classes)}
-        self.frozen_epochs = cfg.frozen_epochs(pretrained=init is not None)
+        self.frozen_epochs = cfg.frozen_epochs(init)
+        self.validate_at = set(validated_epochs(self.epochs, cfg.anneal))
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.epoch = 0
         self.history: list[dict[str, float]] = []
@@ -176,7 +210,7 @@ class Trainer:
         self.model.train()
         order = torch.randperm(len(xs), generator=self.gen)
         progress.emit(progress.Event("epoch", total=self.steps,
-                                     values={"epoch": self.epoch + 1, "epochs": self.cfg.epochs}))
+                                     values={"epoch": self.epoch + 1, "epochs": self.epochs}))
         total = 0.0
         for b in range(self.steps):
             idx = order[b * self.cfg.batch_size:(b + 1) * self.cfg.batch_size]
@@ -189,7 +223,7 @@ class Trainer:
         x = self.normalise(pixels)
         x = self.augment(x, self.gen) if self.cfg.augment else centre(x, self.size)
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-            out = self.model(x.contiguous(memory_format=torch.channels_last))
+            out = self.forward(x.contiguous(memory_format=torch.channels_last))
         logits = getattr(out, "logits", out)  # inception/googlenet return (logits, aux) in training
         loss = self.loss_fn(logits.float(), targets.to(self.device))
         self.opt.zero_grad(set_to_none=True)
@@ -238,14 +272,21 @@ class Trainer:
         for i in range(0, len(pixels), self.cfg.batch_size):
             x = self.normalise(torch.from_numpy(pixels[i:i + self.cfg.batch_size]))
             with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                out.append(torch.sigmoid(self.model(x).float()).cpu())
+                out.append(torch.sigmoid(self.model(x.contiguous(memory_format=torch.channels_last)).float()).cpu())
         return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
 
-    def end_epoch(self, loss: float, val_map: float, scores: np.ndarray, started: float) -> bool:
-        """Record the epoch; keep its weights if its validation mAP is the best so far (returns whether)."""
+    def wants_validation(self) -> bool:
+        """Whether the epoch just trained is one the best-epoch choice looks at (`schedule.validated_epochs`)."""
+        return self.epoch + 1 in self.validate_at
+
+    def end_epoch(self, loss: float, val_map: float | None, scores: np.ndarray | None, started: float) -> bool:
+        """Record the epoch; keep its weights if it was validated and its mAP is the best so far (returns whether)."""
         self.epoch += 1
-        self.history.append({"epoch": self.epoch, "loss": loss, "val_mAP": val_map,
-                             "seconds": round(time.perf_counter() - started, 2)})
+        entry = {"epoch": self.epoch, "loss": loss, "seconds": round(time.perf_counter() - started, 2)}
+        if val_map is None or scores is None:
+            self.history.append(entry)
+            return False
+        self.history.append({**entry, "val_mAP": val_map})
         best = self.best is None or _better(val_map, self.best[0])
         if best:
             state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
@@ -254,12 +295,13 @@ class Trainer:
 
     def state(self, fingerprint: str) -> dict[str, Any]:
         """Everything a resumed run needs to continue exactly (tensors and plain values only)."""
-        assert self.best is not None
-        return {"fingerprint": fingerprint, "epoch": self.epoch, "history": self.history,
-                "model": self.model.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
-                "scaler": self.scaler.state_dict(), "gen": self.gen.get_state(), "rng": torch.get_rng_state(),
-                "best_map": self.best[0], "best_epoch": self.best[1], "best_state": self.best[2],
-                "best_scores": torch.from_numpy(self.best[3])}
+        state = {"fingerprint": fingerprint, "epoch": self.epoch, "history": self.history,
+                 "model": self.model.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
+                 "scaler": self.scaler.state_dict(), "gen": self.gen.get_state(), "rng": torch.get_rng_state()}
+        if self.best is not None:  # none before the first validated epoch
+            state.update({"best_map": self.best[0], "best_epoch": self.best[1], "best_state": self.best[2],
+                          "best_scores": torch.from_numpy(self.best[3])})
+        return state
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -269,7 +311,8 @@ class Trainer:
         self.gen.set_state(state["gen"])
         torch.set_rng_state(state["rng"])
         self.epoch, self.history = state["epoch"], list(state["history"])
-        self.best = (state["best_map"], state["best_epoch"], state["best_state"], state["best_scores"].numpy())
+        self.best = ((state["best_map"], state["best_epoch"], state["best_state"], state["best_scores"].numpy())
+                     if "best_state" in state else None)
 
     def result(self, val_y: np.ndarray, started: float) -> TrainResult:
         """The best epoch's weights with thresholds calibrated on its validation scores."""
@@ -278,14 +321,8 @@ class Trainer:
         thresholds, info = metrics.calibrate_thresholds(scores, val_y)
         return TrainResult(state_dict=state, val_scores=scores, val_targets=val_y, thresholds=thresholds,
                            threshold_info=info, history=self.history, seconds=time.perf_counter() - started,
-                           best_epoch=epoch)
-
-
-def _amp_dtype(device: torch.device) -> torch.dtype | None:
-    """Autocast on CUDA (bf16 where supported, else fp16 with loss scaling); plain fp32 on CPU."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+                           best_epoch=epoch, epochs=self.epochs,
+                           precision=str(self.amp).replace("torch.", "") if self.amp else "fp32")
 
 
 def _better(val_map: float, best_map: float) -> bool:
@@ -301,11 +338,13 @@ def fit(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.n
         storage_options: StorageOptions = None) -> TrainResult:
     """Train; keep the weights of the epoch with the best validation mAP; calibrate thresholds on it.
 
-    `train_x` holds `resize_size` squares (augmentation crops them), `val_x`
-    the exact inference input. With `checkpoint`, the run state is saved
-    after every epoch; `resume` continues from it.
+    `train_x` holds the stored squares (`stored_preprocess`), `val_x` the
+    exact inference input. `cfg.epochs=None` is fixed here from the data's
+    size. With `checkpoint`, the run state is saved after every epoch;
+    `resume` continues from it.
     """
-    cfg.validate()
+    cfg = cfg.validate().for_data(len(train_x))
+    assert cfg.epochs is not None
     started = time.perf_counter()
     steps = math.ceil(len(train_x) / cfg.batch_size)
     pos_weight = auto_pos_weight(train_y) if cfg.pos_weight else None
@@ -315,21 +354,35 @@ def fit(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.n
     if resume and checkpoint:
         trainer.load_state(load_checkpoint(checkpoint, key, storage_options))
         logger.info("resumed from %s after epoch %d of %d", checkpoint, trainer.epoch, cfg.epochs)
+    logger.info("%d epochs of %d steps, lr %g, %s, validating epochs %s", cfg.epochs, steps, cfg.lr,
+                "bf16 autocast" if trainer.amp == torch.bfloat16 else str(trainer.amp or "fp32"),
+                ", ".join(str(e) for e in sorted(trainer.validate_at)))
     xs, ys = torch.from_numpy(train_x), torch.from_numpy(train_y)
     while trainer.epoch < cfg.epochs:
-        frozen = trainer.epoch < trainer.frozen_epochs
-        loss = trainer.train_epoch(xs, ys)
-        trainer.update_norm_statistics(xs)
-        scores = trainer.predict(val_x)
-        val_map = metrics.mean_average_precision(scores, val_y)
-        best = trainer.end_epoch(loss, val_map, scores, started)
-        progress.emit(progress.Event("validated", values={"epoch": trainer.epoch, "loss": loss, "val_mAP": val_map,
-                                                          "best": float(best)}))
-        logger.info("epoch %d/%d  loss %.4f  val mAP %.4f%s%s", trainer.epoch, cfg.epochs, loss, val_map,
-                    "  (best)" if best else "", "  (backbone frozen)" if frozen else "")
+        run_epoch(trainer, xs, ys, val_x, val_y, started)
         if checkpoint:
             save_checkpoint(checkpoint, trainer.state(key), storage_options)
     return trainer.result(val_y, started)
+
+
+def run_epoch(trainer: Trainer, xs: torch.Tensor, ys: torch.Tensor, val_x: np.ndarray, val_y: np.ndarray,
+              started: float) -> None:
+    """Train one epoch; validate it only if the best-epoch choice looks at it."""
+    frozen = trainer.epoch < trainer.frozen_epochs
+    loss = trainer.train_epoch(xs, ys)
+    if not trainer.wants_validation():
+        trainer.end_epoch(loss, None, None, started)
+        logger.info("epoch %d/%d  loss %.4f%s", trainer.epoch, trainer.epochs, loss,
+                    "  (backbone frozen)" if frozen else "")
+        return
+    trainer.update_norm_statistics(xs)
+    scores = trainer.predict(val_x)
+    val_map = metrics.mean_average_precision(scores, val_y)
+    best = trainer.end_epoch(loss, val_map, scores, started)
+    progress.emit(progress.Event("validated", values={"epoch": trainer.epoch, "loss": loss, "val_mAP": val_map,
+                                                      "best": float(best)}))
+    logger.info("epoch %d/%d  loss %.4f  val mAP %.4f%s%s", trainer.epoch, trainer.epochs, loss, val_map,
+                "  (best)" if best else "", "  (backbone frozen)" if frozen else "")
 
 
 def write_bundle(result: TrainResult, out: str, *, name: str, classes: Sequence[str], pre: Preprocess,
@@ -343,7 +396,8 @@ def write_bundle(result: TrainResult, out: str, *, name: str, classes: Sequence[
                        "positives": report["positives"], "at_thresholds": report["at_thresholds"],
                        "at_0.5": at_half, "at_top3": report["at_top3"]},
         "thresholds": result.threshold_info,
-        "training": {**cfg.to_dict(), "best_epoch": result.best_epoch, "seconds": round(result.seconds, 1),
+        "training": {**cfg.to_dict(), "epochs": result.epochs or cfg.epochs, "precision": result.precision,
+                     "best_epoch": result.best_epoch, "seconds": round(result.seconds, 1),
                      "history": [{k: round(v, 5) for k, v in h.items()} for h in result.history], **(extra or {})},
     }
     return save_bundle(out, name=name, arch=cfg.arch, classes=list(classes), state_dict=result.state_dict,

@@ -2,8 +2,10 @@
 
 A pretrained checkpoint has a head for its own classes (ImageNet's 1000);
 the new model needs one logit per class of the labels file. The backbone is
-loaded and the old head dropped (the caller reports which keys), so the
-new head starts from torchvision's own initialisation. Which parameters form
+loaded and an old head of another shape dropped (the caller reports which
+keys), so the new head starts from torchvision's own initialisation. A head
+of the right shape (weights of an earlier run on the same classes) is kept:
+throwing away what it learnt would make fine-tuning start over. Which parameters form
 the head is found by building the architecture with two class counts and
 comparing shapes: no per-architecture table, and no guessing from layer
 widths (a model with 64 classes has many 64-channel layers).
@@ -43,8 +45,8 @@ class InitWeights:
         return f"weights from {self.source}; new head: dropped {', '.join(self.dropped)}"
 
 
-def head_keys(arch: str, num_classes: int) -> set[str]:
-    """The state-dict keys whose shape depends on the number of classes: the classifier head(s)."""
+def head_shapes(arch: str, num_classes: int) -> dict[str, tuple[int, ...]]:
+    """The state-dict keys whose shape depends on the number of classes (the classifier head), with their shapes."""
     try:
         with torch.device("meta"):
             a = torchvision.models.get_model(arch, weights=None, num_classes=num_classes).state_dict()
@@ -52,7 +54,12 @@ def head_keys(arch: str, num_classes: int) -> set[str]:
     except NotImplementedError:  # regnets compute their widths with tensors: not on the meta device
         a = torchvision.models.get_model(arch, weights=None, num_classes=num_classes).state_dict()
         b = torchvision.models.get_model(arch, weights=None, num_classes=num_classes + 1).state_dict()
-    return {k for k in a if a[k].shape != b[k].shape}
+    return {k: tuple(a[k].shape) for k in a if a[k].shape != b[k].shape}
+
+
+def head_keys(arch: str, num_classes: int) -> set[str]:
+    """The state-dict keys whose shape depends on the number of classes: the classifier head(s)."""
+    return set(head_shapes(arch, num_classes))
 
 
 def head_parameters(model: nn.Module, arch: str, num_classes: int) -> list[nn.Parameter]:
@@ -91,7 +98,9 @@ def load_init_weights(spec: str | None, arch: str, num_classes: int,
         state, source = torchvision_state_dict(spec, arch), f"torchvision {spec}"
     else:
         state, source = read_state_dict(spec, storage_options), spec
-    head = head_keys(arch, num_classes)
+    head = head_shapes(arch, num_classes)
+    if all(k in state and tuple(state[k].shape) == shape for k, shape in head.items()):
+        head = {}  # the head fits these classes: keep what it learnt
     dropped = sorted(k for k in state if k in head)
     backbone = {k: v for k, v in state.items() if k not in head}
     init = InitWeights(state_dict=backbone, source=source,

@@ -50,8 +50,8 @@ def test_library_log_records_reach_the_flow_runs_logs(tmp_path, prefect_api, mon
     assert "no torchvision weights for mobilenet_v3_small" in ours[("mlcls.train.weights", logging.WARNING)][0]
     plan, images = ours[("mlcls.train.train_job", logging.INFO)]
     assert plan == "mobilenet_v3_small, 6 classes, random init" and images.startswith("36 training images")
-    (epoch,) = ours[("mlcls.train.trainer", logging.INFO)]
-    assert epoch.startswith("epoch 1/1  loss ")
+    schedule, epoch = ours[("mlcls.train.trainer", logging.INFO)]
+    assert schedule.startswith("1 epochs of 3 steps") and epoch.startswith("epoch 1/1  loss ")
 
     route_library_logs()  # once per process, whatever the number of flows
     assert sum(isinstance(h, APILogHandler) for h in logging.getLogger("mlcls").handlers) == 1

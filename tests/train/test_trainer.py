@@ -56,7 +56,9 @@ def test_train_then_tag_gives_the_same_probabilities(tmp_path):
     assert v["at_thresholds"]["empty_images"] == int((result.val_targets.sum(1) == 0).sum()) > 0
     history = bundle.metrics["training"]["history"]
     assert [h["epoch"] for h in history] == [1, 2]
-    assert bundle.metrics["training"]["best_epoch"] == 1 + int(np.argmax([h["val_mAP"] for h in history]))
+    validated = [h for h in history if "val_mAP" in h]
+    assert [h["epoch"] for h in validated] == [2]  # only the anneal's epochs are validated
+    assert bundle.metrics["training"]["best_epoch"] == max(validated, key=lambda h: h["val_mAP"])["epoch"]
     assert not (tmp_path / "bundle" / "checkpoint.pt").exists()
 
     tag_images(trained.val_uris, str(tmp_path / "tags"), model=str(tmp_path / "bundle"),
@@ -91,8 +93,8 @@ def test_an_interrupted_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path,
     with caplog.at_level(logging.INFO, logger="mlcls"):
         resumed = fit(*arrays, pre=PRE, cfg=cfg, checkpoint=ckpt, resume=True)
     logs = [r.getMessage() for r in caplog.records if r.name == "mlcls.train.trainer"]
-    assert logs[0].startswith(f"resumed from {ckpt} after epoch 2 of 3") and len(logs) == 2
-    assert logs[1].startswith("epoch 3/3  loss ")
+    assert logs[0].startswith(f"resumed from {ckpt} after epoch 2 of 3") and len(logs) == 3
+    assert logs[1].startswith("3 epochs of 3 steps") and logs[2].startswith("epoch 3/3  loss ")
     assert resumed.best_epoch == whole.best_epoch
     assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in whole.history], abs=1e-6)
     for k, v in whole.state_dict.items():
@@ -160,14 +162,21 @@ def test_every_loss_option_trains(arrays, loss, pos_weight):
     assert (scores.std(0) > 1e-3).any()  # the outputs depend on the image
 
 
-def test_augment_crops_resamples_and_flips():
+def test_augment_flips_and_shrinks_but_never_cuts_anything_out():
     x = torch.rand(64, 3, 8, 8)
-    out = Augment(8, scale=(1.0, 1.0), ratio=(1.0, 1.0))(x, torch.Generator().manual_seed(0))
+    out = Augment(8, scale=(1.0, 1.0), jitter=0.0)(x, torch.Generator().manual_seed(0))
     same = torch.isclose(out, x, atol=1e-5).flatten(1).all(1)
     flipped = torch.isclose(out, x.flip(-1), atol=1e-5).flatten(1).all(1)
     assert (same | flipped).all() and 16 < int(flipped.sum()) < 48  # whole image, flipped about half the time
-    out = Augment(6, scale=(0.2, 0.5), vflip=True)(x, torch.Generator().manual_seed(0))
-    assert out.shape == (64, 3, 6, 6) and not torch.isclose(out[:, :, :, :], x[:, :, 1:7, 1:7], atol=1e-3).all()
+    corner = torch.zeros(64, 3, 32, 32)
+    corner[:, :, :4, :4] = 1.0  # an "object" in the corner, where a random crop would cut it off
+    out = Augment(32, scale=(0.6, 0.8), vflip=True, jitter=0.0)(corner, torch.Generator().manual_seed(0))
+    assert out.shape == (64, 3, 32, 32) and not torch.isclose(out, corner, atol=1e-3).flatten(1).all(1).any()
+    kept = out.flatten(1).amax(1)  # the object is still in every image, at (nearly) full strength
+    assert (kept > 0.9).all()
+    jittered = Augment(8, scale=(1.0, 1.0), hflip=False, jitter=0.2)(x, torch.Generator().manual_seed(0))
+    change = (jittered - x).abs().flatten(1).amax(1)
+    assert (change > 1e-3).all() and (change < 0.2 * 1 + 0.2 / 0.226 + 1e-3).all()
 
 
 def test_config_is_checked_before_training():
@@ -177,7 +186,9 @@ def test_config_is_checked_before_training():
         TrainConfig(epochs=2, freeze_epochs=3).validate()
     with pytest.raises(OptionError, match="--loss 'hinge'"):
         TrainConfig(loss="hinge").validate()
-    assert TrainConfig.from_dict(TrainConfig(crop_scale=(0.5, 1.0)).to_dict()).crop_scale == (0.5, 1.0)
+    with pytest.raises(OptionError, match="--scale must be in \\(0, 1\\]"):
+        TrainConfig(scale=(0.9, 1.2)).validate()
+    assert TrainConfig.from_dict(TrainConfig(scale=(0.5, 1.0)).to_dict()).scale == (0.5, 1.0)
 
 
 def test_labels_that_leave_a_class_without_training_positives_stop_before_reading_images(tmp_path):

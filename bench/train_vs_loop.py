@@ -1,0 +1,241 @@
+"""`mlcls train` with its defaults beside the training loop a user writes by hand, on real handwritten digits.
+
+    python bench/train_vs_loop.py                          # 1,500 train / 500 test canvases (issue 14's size)
+    python bench/train_vs_loop.py --train 600 --test 200 --loop-epochs 3   # a quick smoke run
+    python bench/train_vs_loop.py --mlcls-cmd "env PYTHONPATH=../main python -m mlcls.cli"   # another checkout
+
+Real images, offline: scikit-learn's `load_digits` (1,797 scanned 8x8
+handwritten digits). The digits are split first (train and test canvases
+use disjoint digit samples), then each 128x128 canvas gets 0-4 digits
+(about 13 % none), upscaled to 24-40 px and placed without overlap; its
+labels are the digits' classes. Canvases are written as PNGs with a labels
+file, as a user would have them.
+
+Both contenders run in this one process run, one after the other, on the
+same machine: the plain loop (resnet18 from random init, native 128 px,
+no augmentation, Adam 1e-3, BCE, batch 32, 8 epochs; time counts decoding
+the PNGs) and `mlcls train LABELS --images DIR --arch resnet18 --out B`
+as a subprocess (time counts the whole command: start-up, decoding,
+validation, calibration, writing the bundle). Both are then scored on the
+same test canvases by the same code (`mlcls.train.metrics`, equal to
+scikit-learn's); mlcls's test scores come from the bundle's tagging path
+(`scoring.score_table`, what `mlcls tag`/`mlcls eval` run), at the
+thresholds the bundle calibrated on its own validation split.
+`--given-weights` adds a fine-tuning row: `mlcls train --weights` the
+loop's trained weights (on the same training canvases: a warm start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from mlcls.bundle import load_bundle
+from mlcls.train import metrics
+from mlcls.train.labels import LabelsSpec, multi_hot, read_labels
+from mlcls.train.scoring import score_table
+
+CLASSES = [f"d{k}" for k in range(10)]
+CANVAS = 128
+
+
+def digit_pools(seed: int, test_share: float = 0.28) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """The 1,797 digits split into disjoint train and test pools (uint8 8x8 images, labels)."""
+    d = load_digits()
+    images = np.clip(d.images * 255.0 / 16.0, 0, 255).astype(np.uint8)
+    order = np.random.default_rng(seed).permutation(len(images))
+    cut = int(len(images) * (1 - test_share))
+    tr, te = order[:cut], order[cut:]
+    return (images[tr], d.target[tr]), (images[te], d.target[te])
+
+
+def canvas(pool: tuple[np.ndarray, np.ndarray], rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
+    """One 128x128 canvas with 0-4 non-overlapping digits (13 % none) and its label set."""
+    images, targets = pool
+    out = np.zeros((CANVAS, CANVAS), dtype=np.uint8)
+    count = 0 if rng.random() < 0.13 else int(rng.integers(1, 5))
+    boxes: list[tuple[int, int, int]] = []
+    labels: set[str] = set()
+    for _ in range(count):
+        side = int(rng.integers(24, 41))
+        for _try in range(50):
+            x, y = (int(v) for v in rng.integers(0, CANVAS - side + 1, size=2))
+            if all(x + side <= bx or bx + bs <= x or y + side <= by or by + bs <= y for bx, by, bs in boxes):
+                break
+        else:
+            continue
+        k = int(rng.integers(len(images)))
+        digit = np.asarray(Image.fromarray(images[k]).resize((side, side), Image.Resampling.BILINEAR))
+        out[y:y + side, x:x + side] = np.maximum(out[y:y + side, x:x + side], digit)
+        boxes.append((x, y, side))
+        labels.add(CLASSES[int(targets[k])])
+    return np.repeat(out[:, :, None], 3, axis=2), sorted(labels)
+
+
+def write_set(folder: str, pool: tuple[np.ndarray, np.ndarray], n: int, seed: int) -> str:
+    """`n` canvases as PNGs under `folder` and `folder/labels.csv` (image, labels); returns the labels path."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = ["image,labels"]
+    for i in range(n):
+        pixels, labels = canvas(pool, rng)
+        name = f"{i:05d}.png"
+        Image.fromarray(pixels).save(os.path.join(folder, name))
+        rows.append(f"{name},{' '.join(labels)}")
+    path = os.path.join(folder, "labels.csv")
+    with open(path, "w") as f:
+        f.write("\n".join(rows) + "\n")
+    return path
+
+
+def load_folder(labels: str) -> tuple[torch.Tensor, np.ndarray]:
+    """What the loop's user does: open every PNG, to float tensors normalised with ImageNet's statistics."""
+    table = read_labels(LabelsSpec(labels))
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    xs = []
+    for uri in table.uris:
+        with Image.open(uri) as img:
+            a = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+        xs.append((a - mean) / std)
+    return torch.stack(xs), multi_hot(table.labels, CLASSES)
+
+
+def plain_loop(labels: str, epochs: int, seed: int) -> tuple[torch.nn.Module, float]:
+    """The eight-line loop: resnet18 random init, 128 px, no augmentation, Adam 1e-3, BCE, batch 32."""
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    xs, ys = load_folder(labels)
+    ys_t = torch.from_numpy(ys)
+    model = torchvision.models.resnet18(num_classes=len(CLASSES))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    for epoch in range(epochs):
+        model.train()
+        for idx in torch.randperm(len(xs)).split(32):
+            loss = loss_fn(model(xs[idx]), ys_t[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        print(f"  loop epoch {epoch + 1}/{epochs}: last loss {loss.item():.4f}, "
+              f"{time.perf_counter() - started:.0f} s", flush=True)
+    return model.eval(), time.perf_counter() - started
+
+
+@torch.inference_mode()
+def loop_scores(model: torch.nn.Module, labels: str) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = load_folder(labels)
+    return torch.cat([torch.sigmoid(model(x)) for x in xs.split(64)]).numpy(), ys
+
+
+def run_mlcls(cmd: str, labels: str, images: str, out: str, arch: str, extra: list[str]) -> float:
+    """`mlcls train` as a user runs it, timed as a whole command."""
+    argv = [*shlex.split(cmd), "train", labels, "--images", images, "--arch", arch, "--out", out, "-q", *extra]
+    print("  $", " ".join(argv), flush=True)
+    started = time.perf_counter()
+    subprocess.run(argv, check=True, cwd=os.path.dirname(out))  # not this checkout: `-m` puts the cwd first
+    return time.perf_counter() - started
+
+
+def score_row(scores: np.ndarray, targets: np.ndarray, thresholds: np.ndarray | None) -> dict[str, float]:
+    """Test mAP, macro-F1 at 0.5 and at the calibrated thresholds, FP rate on no-label images."""
+    at_half = metrics.classification_metrics(scores >= 0.5, targets)
+    row = {"mAP": metrics.mean_average_precision(scores, targets), "f1_at_0.5": at_half["macro_f1"],
+           "fpr_at_0.5": at_half["empty_fpr"]}
+    if thresholds is not None:
+        at_cal = metrics.classification_metrics(scores >= thresholds, targets)
+        row.update({"f1_calibrated": at_cal["macro_f1"], "fpr_calibrated": at_cal["empty_fpr"]})
+    return row
+
+
+def bundle_row(out: str, test_labels: str) -> dict:
+    bundle = load_bundle(out)
+    table = read_labels(LabelsSpec(test_labels))
+    scored = score_table(bundle, table, device="cpu")
+    row = score_row(scored.scores, scored.targets, np.asarray(bundle.thresholds))
+    training = bundle.metrics["training"]
+    row.update({"epochs": training["epochs"], "best_epoch": training["best_epoch"],
+                "preprocess": bundle.preprocess.to_dict()})
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train", type=int, default=1500)
+    p.add_argument("--test", type=int, default=500)
+    p.add_argument("--loop-epochs", type=int, default=8)
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mlcls-cmd", default=f"{sys.executable} -m mlcls.cli", help="how to run mlcls")
+    p.add_argument("--mlcls-args", default="", help="extra `mlcls train` arguments (default: none)")
+    p.add_argument("--given-weights", action="store_true", help="also fine-tune from the loop's weights")
+    p.add_argument("--skip-loop", action="store_true")
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    results: dict = {"date": datetime.now(UTC).isoformat(timespec="minutes"), "cpu": platform.processor(),
+                     "cores": os.cpu_count(), "threads": torch.get_num_threads(), "load_before": os.getloadavg(),
+                     "argv": sys.argv[1:]}
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        train_pool, test_pool = digit_pools(args.seed)
+        train_labels = write_set(os.path.join(tmp, "train"), train_pool, args.train, args.seed + 1)
+        test_labels = write_set(os.path.join(tmp, "test"), test_pool, args.test, args.seed + 2)
+        test_y = multi_hot(read_labels(LabelsSpec(test_labels)).labels, CLASSES)
+        results["test_no_label_images"] = int((test_y.sum(1) == 0).sum())
+        weights = os.path.join(tmp, "loop.pt")
+        if not args.skip_loop:
+            model, seconds = plain_loop(train_labels, args.loop_epochs, args.seed)
+            torch.save(model.state_dict(), weights)
+            scores, ys = loop_scores(model, test_labels)
+            results["loop"] = {**score_row(scores, ys, None), "seconds": seconds, "epochs": args.loop_epochs}
+            print("  loop:", json.dumps(results["loop"]), flush=True)
+        extra = shlex.split(args.mlcls_args)
+        out = os.path.join(tmp, "bundle")
+        seconds = run_mlcls(args.mlcls_cmd, train_labels, os.path.join(tmp, "train"), out, args.arch, extra)
+        results["mlcls"] = {**bundle_row(out, test_labels), "seconds": seconds}
+        print("  mlcls:", json.dumps(results["mlcls"]), flush=True)
+        if args.given_weights and not args.skip_loop:
+            out = os.path.join(tmp, "bundle-ft")
+            seconds = run_mlcls(args.mlcls_cmd, train_labels, os.path.join(tmp, "train"), out, args.arch,
+                                [*extra, "--weights", weights])
+            results["mlcls_given_weights"] = {**bundle_row(out, test_labels), "seconds": seconds}
+    results["load_after"] = os.getloadavg()
+    print_table(results)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2, default=str)
+
+
+def print_table(r: dict) -> None:
+    print(f"\n{r['date']}, {r['cpu'] or 'cpu'} {r['cores']} cores, {r['threads']} torch threads; load average "
+          f"{r['load_before'][0]:.2f} before, {r['load_after'][0]:.2f} after; "
+          f"test canvases with no label: {r['test_no_label_images']}\n")
+    print("| run | test mAP | macro-F1 at 0.5 | macro-F1 calibrated | FPR no-label (cal.) | epochs | wall s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name in ("loop", "mlcls", "mlcls_given_weights"):
+        if name not in r:
+            continue
+        m = r[name]
+        cal = f"{m['f1_calibrated']:.4f}" if "f1_calibrated" in m else "-"
+        fpr = m.get("fpr_calibrated", m["fpr_at_0.5"])
+        epochs = f"{m['best_epoch']} of {m['epochs']}" if "best_epoch" in m else str(m["epochs"])
+        print(f"| {name} | {m['mAP']:.4f} | {m['f1_at_0.5']:.4f} | {cal} | {fpr:.4f} | {epochs} | "
+              f"{m['seconds']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
