@@ -40,13 +40,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mlcls.errors import OutputError
-from mlcls.output.parts import BAD_READ, part_bytes
+from mlcls.output.parts import BAD_READ, meta_of_schema, part_bytes
 from mlcls.output.table import (
     delta_options,
     delta_retrying,
     delta_uri,
     legacy_parts,
-    meta_of_schema,
     open_table,
     table_paths,
     write_meta,
@@ -75,7 +74,7 @@ class CommitResult:
     """What a commit did; `version` is the table version after it (None when there was nothing to commit)."""
 
     version: int | None
-    added: int = 0
+    added: int = 0  # the run's own files in the table: its parts, or their rewrites without superseded rows
     rewritten: int = 0
     superseded: int = 0
     already: bool = False  # an earlier attempt of this run's commit had landed
@@ -121,7 +120,7 @@ def commit_parts(out: str, run_id: str, parts: Sequence[str], storage_options: S
             continue
         for path in plan.replaced:
             remove(fs, path)
-        result = CommitResult(version, added=len(plan.adds) - len(plan.removes), rewritten=len(plan.removes),
+        result = CommitResult(version, added=len(plan.adds) - len(plan.older), rewritten=len(plan.removes),
                               superseded=plan.superseded)
         if table is not None and version > table.version() + 1:
             result.version = settle(out, run_id, plan.adds, storage_options) or version
@@ -162,8 +161,8 @@ def adopt(out: str, storage_options: StorageOptions = None) -> CommitResult:
         return CommitResult(None)
     fs, _ = url_to_fs(out, storage_options)
     result = commit_parts(out, ADOPT_RUN, [full_uri(fs, p) for p in parts], storage_options)
-    log.info("%s is now a Delta table: %d part files committed, %d rewritten without %d superseded rows",
-             out, len(parts), len(parts) - result.added + result.rewritten, result.superseded)
+    log.info("%s is now a Delta table: %d of its %d part files committed, %d superseded rows left out",
+             out, result.added, len(parts), result.superseded)
     return result
 
 
@@ -194,7 +193,8 @@ def plan_commit(fs, base: str, own: list[str], others: list[str], run_id: str, t
     """Which files to add, remove and rewrite so that each uri of `own` keeps only its newest row."""
     own_uris = [_read(fs, p, ["uri"])["uri"] for p in own]
     hashes = np.concatenate([_hashes(u) for u in own_uris]) if own_uris else np.empty(0, np.uint64)
-    lo, hi = (min(_range(u)[0] for u in own_uris), max(_range(u)[1] for u in own_uris)) if own_uris else (None, None)
+    ranges = [_range(u) for u in own_uris]
+    lo, hi = (min(r[0] for r in ranges), max(r[1] for r in ranges)) if ranges else (None, None)
     wanted = np.unique(hashes)
     ordered = np.sort(hashes)
     repeated = [np.unique(ordered[1:][ordered[1:] == ordered[:-1]])]  # a uri twice among the run's own rows
@@ -209,10 +209,10 @@ def plan_commit(fs, base: str, own: list[str], others: list[str], run_id: str, t
     repeated_all = np.unique(np.concatenate(repeated))
     drops = _superseded(fs, own, hit_files, repeated_all) if len(repeated_all) else {}
     plan.superseded = sum(len(r) for r in drops.values())
-    for path, uris in zip(own, own_uris, strict=True):
+    for path, uris, (first, last) in zip(own, own_uris, ranges, strict=True):
         if path not in drops:
             plan.adds.append(path)
-            plan.stats[path] = _stats(uris)
+            plan.stats[path] = _stats(len(uris), first, last)
             continue
         if committed:
             plan.removes.append(path)
@@ -280,7 +280,7 @@ def _rewrite(fs, path: str, drop: np.ndarray, run_id: str, plan: _Plan) -> str |
     write_atomic(fs, new, part_bytes(table))
     plan.adds.append(new)
     plan.written.append(new)
-    plan.stats[new] = _stats(table["uri"])
+    plan.stats[new] = _stats(table.num_rows, *_range(table["uri"]))
     return new
 
 
@@ -372,10 +372,9 @@ def _range(uris: pa.ChunkedArray) -> tuple[str, str]:
     return mm["min"].as_py() or "", mm["max"].as_py() or ""
 
 
-def _stats(uris: pa.ChunkedArray) -> str:
+def _stats(rows: int, lo: str, hi: str) -> str:
     """Delta file statistics: the row count and the uri range, which readers (and `_overlapping`) skip files by."""
-    lo, hi = _range(uris)
-    return json.dumps({"numRecords": len(uris), "minValues": {"uri": lo}, "maxValues": {"uri": hi},
+    return json.dumps({"numRecords": rows, "minValues": {"uri": lo}, "maxValues": {"uri": hi},
                        "nullCount": {"uri": 0}})
 
 

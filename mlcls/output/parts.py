@@ -213,14 +213,19 @@ def read_dataset(fs, parts: list[str], columns: list[str], condition, what: str)
         raise OutputError(f"cannot {what}: {describe_os_error(err)}") from err
 
 
+def meta_of_schema(schema: pa.Schema) -> dict:
+    """The mlcls metadata an Arrow schema carries in its footer metadata ({} if none)."""
+    meta = schema.metadata or {}
+    return json.loads(meta[META_KEY]) if META_KEY in meta else {}
+
+
 def read_footer_meta(fs, part: str) -> dict:
     """The `mlcls` metadata of a part's footer ({} if none); the footer is read again after a bad read."""
-    def read() -> dict[bytes, bytes]:
+    def read() -> pa.Schema:
         with fs.open(part, "rb") as f:
-            return pq.read_schema(f).metadata or {}
+            return pq.read_schema(f)
 
     try:
-        meta = retrying(read, f"read {full_uri(fs, part)}", also=BAD_READ)
+        return meta_of_schema(retrying(read, f"read {full_uri(fs, part)}", also=BAD_READ))
     except (OSError, pa.ArrowException) as err:
         raise OutputError(f"cannot read {full_uri(fs, part)}: {describe_os_error(err)}") from err
-    return json.loads(meta[META_KEY]) if META_KEY in meta else {}

@@ -1,7 +1,7 @@
 """What an output holds, in one streaming pass: images, errors, labels, probabilities, co-occurrence.
 
 The pass reads `labels`, `probs`, `error`, `model` (and `uri` when a consumer
-asks for it) as Arrow batches under the reading rule (`OutputTable.batches`), so
+asks for it) as Arrow batches of the table's version (`OutputTable.batches`), so
 memory is about one Parquet row group of those columns, whatever the
 dataset's size. Each batch is decoded once
 into numpy (`RowBatch`: label codes, a dense probability matrix) and handed to
@@ -28,39 +28,32 @@ DENSE_VALUES_PER_BATCH = 4_000_000  # batch rows x classes: ~16 MB of float32 pr
 
 
 class RowBatch:
-    """One record batch decoded for numpy: live and tagged rows, label codes, probabilities by class.
+    """One record batch decoded for numpy: tagged and failed rows, label codes, probabilities by class."""
 
-    `live` is False for rows to leave out (None: all rows count); every
-    property below already leaves them out, so consumers need not look.
-    """
-
-    def __init__(self, batch: pa.RecordBatch, live: np.ndarray | None, classes: Sequence[str],
-                 bounded: bool) -> None:
+    def __init__(self, batch: pa.RecordBatch, classes: Sequence[str], bounded: bool) -> None:
         self.arrow = batch
         self.n = batch.num_rows
-        self.live = np.ones(self.n, dtype=bool) if live is None else live
         self.classes = classes
         self.bounded = bounded
         self._class_index = pa.array(list(classes), pa.string())
 
     @cached_property
     def ok(self) -> np.ndarray:
-        """True where the row is live and was tagged (no error)."""
-        return self.live & self.arrow.column("error").is_null().to_numpy(zero_copy_only=False)
+        """True where the row was tagged (no error)."""
+        return self.arrow.column("error").is_null().to_numpy(zero_copy_only=False)
 
     @cached_property
     def failed(self) -> np.ndarray:
-        """True where the row is live and has an error."""
-        return self.live & ~self.arrow.column("error").is_null().to_numpy(zero_copy_only=False)
+        """True where the row has an error."""
+        return ~self.ok
 
     @cached_property
     def label_codes(self) -> tuple[np.ndarray, np.ndarray]:
-        """(row, class code) of every label of a live row, rows ascending: the list column flattened."""
+        """(row, class code) of every label, rows ascending: the list column flattened."""
         labels = self.arrow.column("labels")
         rows = pc.list_parent_indices(labels).to_numpy().astype(np.int64)
         codes = pc.index_in(pc.list_flatten(labels), value_set=self._class_index).to_numpy(zero_copy_only=False)
-        keep = self.live[rows]
-        return rows[keep], codes.astype(np.int64)[keep]
+        return rows, codes.astype(np.int64)
 
     @cached_property
     def entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -162,10 +155,10 @@ class Totals:
 
     def add(self, batch: RowBatch) -> None:
         ok, error = batch.ok, batch.arrow.column("error")
-        self.images += int(batch.live.sum())
+        self.images += batch.n
         self.tagged += int(ok.sum())
         self.errors.update(e.split(":", 1)[0].strip() for e in error.filter(pa.array(batch.failed)).to_pylist())
-        for item in pc.value_counts(batch.arrow.column("model").filter(pa.array(batch.live))).to_pylist():
+        for item in pc.value_counts(batch.arrow.column("model")).to_pylist():
             self.models[item["values"]] += item["counts"]
         rows, codes = batch.label_codes
         per_row = np.bincount(rows, minlength=batch.n)
@@ -224,7 +217,7 @@ def run_pass(dataset: OutputTable, consumers: Sequence[Consumer]) -> None:
         columns += [x for x in c.columns if x not in columns]
     batch_rows = max(1024, DENSE_VALUES_PER_BATCH // max(1, len(classes)))
     for arrow in dataset.batches(columns, batch_rows=batch_rows):
-        batch = RowBatch(arrow, None, classes, dataset.bounded)
+        batch = RowBatch(arrow, classes, dataset.bounded)
         for c in consumers:
             c.add(batch)
 

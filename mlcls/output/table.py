@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 
 from mlcls.errors import OutputError
 from mlcls.images.load import READ_KIND
-from mlcls.output.parts import INTERNAL_DIR, META_KEY, ProbsMode, read_dataset, read_footer_meta
+from mlcls.output.parts import INTERNAL_DIR, ProbsMode, read_dataset, read_footer_meta
 from mlcls.storage import (
     S3_PROTOCOLS,
     StorageOptions,
@@ -124,7 +124,9 @@ def open_table(out: str, storage_options: StorageOptions = None, version: int | 
         return delta_retrying(load, f"read the Delta table {out}")
     except (OSError, ValueError, DeltaError) as err:
         if version is not None and "version" in str(err).lower():
-            raise OutputError(f"output {out} has no version {version}: {err}") from err
+            latest = open_table(out, storage_options)
+            known = f"its versions are 0 to {latest.version()}" if latest is not None else "it is no Delta table"
+            raise OutputError(f"output {out} has no version {version}: {known}") from err
         raise OutputError(f"cannot read the Delta table {out}: {describe_os_error(err)}") from err
 
 
@@ -253,9 +255,3 @@ def check_output(out: str, classes: Sequence[str], mode: ProbsMode, storage_opti
         log.warning("class names %s hold characters (space , ; { } ( ) = tab newline) that Spark's Delta writer "
                     "refuses without column mapping; polars, DuckDB, pyarrow and deltalake read them as they are",
                     ", ".join(repr(c) for c in odd[:5]))
-
-
-def meta_of_schema(schema: pa.Schema) -> dict[str, Any]:
-    """The mlcls metadata a part's Arrow schema carries ({} if none)."""
-    meta = schema.metadata or {}
-    return json.loads(meta[META_KEY]) if META_KEY in meta else {}
