@@ -56,11 +56,10 @@ def default_pool(device_type: str, workers: int) -> str:
     """Which decode pool runs by default: our threads (few workers) or processes with the ring (many).
 
     torch's DataLoader (`decode_pool="dataloader"`) decoded 15–38% faster
-    on a 2-core machine (`bench/RESULTS.md`), but is not the default yet: in a
-    Prefect task reading S3 through the test suite's fault proxy its forked
-    workers exited with status 1 and no traceback, failing the shard, where
-    the thread pool tags every image. Until that is understood it stays
-    opt-in, and the pools we own stay.
+    on a 2-core machine (`bench/RESULTS.md`) but stays opt-in until an
+    end-to-end A/B decides. Its forked workers used to exit with status 1 in
+    a process where Prefect had run (`_forget_parent_exit_hooks` says why;
+    fixed and tested).
     """
     return "processes" if workers >= PROCESS_THRESHOLD else "threads"
 
@@ -168,7 +167,8 @@ class Loader:
         workers = max(1, min(self.decode_workers, -(-len(records) // batch_size)))
         loader = DataLoader(_ShardBatches(records, self.config, batch_size, self.preprocess.size), batch_size=None,
                             num_workers=workers, prefetch_factor=max(1, prefetch // workers + 1),
-                            pin_memory=self.pin_memory, multiprocessing_context=_context())
+                            pin_memory=self.pin_memory, multiprocessing_context=_context(),
+                            worker_init_fn=_forget_parent_exit_hooks)
         expected = 0
         for start, pixels, decoded in loader:
             if start != expected:  # rows are matched to records by position: never hand on a batch out of order
@@ -244,6 +244,21 @@ def _context() -> multiprocessing.context.BaseContext:
     """fork where there is one (Linux): workers run only PIL, numpy and fsspec code."""
     methods = multiprocessing.get_all_start_methods()
     return multiprocessing.get_context("fork" if "fork" in methods and os.name == "posix" else "spawn")
+
+
+def _forget_parent_exit_hooks(_worker: int) -> None:
+    """Drop the exit hooks a forked worker inherited through `threading._register_atexit`.
+
+    Prefect's queue services register one that drains their queue; in a
+    forked child Prefect's own at-fork reset leaves that queue without its
+    event, so the hook fails an assertion as the worker exits and
+    multiprocessing turns it into exit status 1: the DataLoader then calls a
+    worker that did all its work "exited unexpectedly" and the shard fails.
+    The child never started those services, so there is nothing to drain.
+    """
+    hooks = getattr(threading, "_threading_atexits", None)
+    if isinstance(hooks, list):
+        hooks.clear()
 
 
 def _ready() -> bool:

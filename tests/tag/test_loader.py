@@ -42,12 +42,14 @@ def test_the_process_pool_gives_the_batches_of_the_thread_pool(tmp_path):
     assert sum(kind is not None for kind in expected.values()) >= 5  # error rows compared in place too
 
 
-def test_the_dataloader_gives_the_batches_of_the_thread_pool(tmp_path):
-    """In a fresh interpreter: forked DataLoader workers of a process where a Prefect test harness ran exit with
-    status 1 (seen in this suite), one reason the DataLoader pool is not the default."""
+def test_the_dataloader_gives_the_batches_of_the_thread_pool_after_prefect_ran(tmp_path):
+    """In a fresh interpreter where a Prefect test harness ran first: its services' exit hooks made forked
+    DataLoader workers exit with status 1 after doing their work (`loader._forget_parent_exit_hooks`)."""
     write_images(tmp_path, 23)
     bad_input_catalogue(tmp_path)
-    script = f"from tests.tag.test_loader import _compare; _compare({str(tmp_path)!r}, {{'dataloader': True}})"
+    script = ("from prefect.testing.utilities import prefect_test_harness\n"
+              "with prefect_test_harness():\n    pass\n"
+              f"from tests.tag.test_loader import _compare; _compare({str(tmp_path)!r}, {{'dataloader': True}})")
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
