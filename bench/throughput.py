@@ -41,6 +41,7 @@ VARIANTS = {  # name: TagOptions overrides
     "hybrid-0.5": {"draft": True, "precision": "auto", "gpu_decode": 0.5},
     "auto": {},
     "auto-threads": {"decode_pool": "threads"},
+    "auto-dataloader": {"decode_pool": "dataloader"},
     "draft-threads": {"draft": True, "precision": "fp32", "decode_pool": "threads"},
     "dataloader": {},  # not an mlcls option: the A/B row "mlcls engine fed by DataLoader"
 }
