@@ -56,10 +56,10 @@ def default_pool(device_type: str, workers: int) -> str:
     """Which decode pool runs by default: our threads (few workers) or processes with the ring (many).
 
     torch's DataLoader (`decode_pool="dataloader"`) decoded 15–38% faster
-    on a 2-core machine (`bench/RESULTS.md`) but stays opt-in until an
-    end-to-end A/B decides. Its forked workers used to exit with status 1 in
-    a process where Prefect had run (`_forget_parent_exit_hooks` says why;
-    fixed and tested).
+    on a 2-core machine with no model running, but end to end at the CPU
+    default (one decode worker beside the model) the thread pool was faster
+    (69.6 against 61.5 img/s, `bench/RESULTS.md`), so the DataLoader stays
+    opt-in; the A/B on a many-core GPU box is still to run.
     """
     return "processes" if workers >= PROCESS_THRESHOLD else "threads"
 
