@@ -37,7 +37,7 @@ python3 -c "from nvidia import nvimgcodec; print('nvimgcodec', nvimgcodec.__vers
 
 cores=$(nproc)
 common=(--arch resnet50 --batch-size 256 --device cuda --workers "$((cores - 1))" --iters 20 --results "$RESULTS")
-variants=(gpu-decode cpu-decode hybrid-0.5 auto)
+variants=(gpu-decode cpu-decode hybrid-0.5 auto auto-dataloader)
 log "GPU tests"
 timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/tag/test_engine.py tests/images/test_gpu.py \
     > "$OUT/tests.log" 2>&1; log "tests rc=$?"

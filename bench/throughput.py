@@ -43,7 +43,6 @@ VARIANTS = {  # name: TagOptions overrides
     "auto-threads": {"decode_pool": "threads"},
     "auto-dataloader": {"decode_pool": "dataloader"},
     "draft-threads": {"draft": True, "precision": "fp32", "decode_pool": "threads"},
-    "dataloader": {},  # not an mlcls option: the A/B row "mlcls engine fed by DataLoader"
 }
 
 
@@ -149,11 +148,10 @@ def child_decode(a: argparse.Namespace) -> dict:
     bundle = load_bundle(a.bundle)
     device = resolve_device(a.device)
     records = list(iter_source(a.corpus))
-    if a.loader == "dataloader":
-        return dataloader_decode(a, bundle, records, device)
     decoder = GpuJpegDecoder(bundle.preprocess, device) if a.gpu_decode else None
     loader = Loader(bundle.preprocess, decode_workers=a.workers, io_workers=8, draft=a.draft, gpu_decoder=decoder,
-                    pin_memory=device.type == "cuda", processes=True if a.processes else None)
+                    pin_memory=device.type == "cuda", processes=True if a.processes else None,
+                    dataloader=a.loader == "dataloader")  # the DataLoader arm: mlcls's own DataLoader mode
     clock = FirstBatchClock()
     errors = 0
     for batch in loader.batches(records, a.batch_size):
@@ -162,59 +160,6 @@ def child_decode(a: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         errors += len(batch.records) - len(order)
         clock.tick(len(batch.records))
-    images, seconds = clock.rate()
-    return {"images": images, "seconds": seconds, "errors": errors}
-
-
-def dataloader_decode(a: argparse.Namespace, bundle, records: list, device) -> dict:
-    """The A/B of mlcls's decode pool: torch's DataLoader over the shard's records, same read and decode code.
-
-    An IterableDataset hands worker k every k-th batch of records (so batches
-    come back in order), each worker reads and decodes with
-    `mlcls.images.load.load_chunk` (retried reads, an error per bad image) and
-    collates uint8 pixels; persistent workers, pin_memory on CUDA.
-    """
-    import numpy as np
-    import torch
-    from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-
-    from mlcls.images.load import LoadConfig, load_chunk
-
-    cfg = LoadConfig(preprocess=bundle.preprocess, draft=a.draft)
-    size, bs = bundle.preprocess.size, a.batch_size
-
-    class ShardBatches(IterableDataset):
-        def __iter__(self):
-            info = get_worker_info()
-            n, k = (info.num_workers, info.id) if info else (1, 0)
-            for j, start in enumerate(range(0, len(records), bs)):
-                if j % n == k:
-                    chunk = records[start:start + bs]
-                    decoded = load_chunk([r.uri for r in chunk], cfg, None, 0, [r.size for r in chunk])
-                    ok = [i for i, d in enumerate(decoded) if d.pixels is not None]
-                    pixels = (np.stack([decoded[i].pixels for i in ok]) if ok
-                              else np.empty((0, size, size, 3), np.uint8))
-                    for d in decoded:
-                        d.pixels = None
-                    yield start, torch.from_numpy(pixels), decoded
-
-    loader = DataLoader(ShardBatches(), batch_size=None, num_workers=a.workers, persistent_workers=True,
-                        pin_memory=device.type == "cuda", prefetch_factor=2)
-    engine = None
-    if a.with_model:  # end to end: mlcls's engine fed by the DataLoader (what replacing the pool would give)
-        from mlcls.tag import job
-
-        engine = job.engine_for(bundle, job.TagOptions(device=a.device, batch_size=bs, precision="fp32",
-                                                       compile="off").validate())
-    clock = FirstBatchClock()
-    errors = 0
-    for _, pixels, decoded in loader:
-        if engine is not None:
-            engine.probs(pixels)
-        else:
-            pixels.to(device, non_blocking=True)
-        errors += len(decoded) - pixels.shape[0]
-        clock.tick(len(decoded))
     images, seconds = clock.rate()
     return {"images": images, "seconds": seconds, "errors": errors}
 
@@ -404,7 +349,6 @@ def main() -> None:
     p.add_argument("--draft", action="store_true")
     p.add_argument("--gpu-decode", action="store_true")
     p.add_argument("--loader", choices=["mlcls", "dataloader"], default="mlcls")
-    p.add_argument("--with-model", action="store_true", help="DataLoader decode child: run the model too")
     p.add_argument("--processes", action="store_true", help="mlcls decode pool as processes whatever the count")
     p.add_argument("--results", default=os.path.join(ROOT, "bench", "RESULTS.md"), help="where to append the table")
     p.add_argument("--shard-size", type=int, default=100_000)
@@ -512,13 +456,8 @@ def measure(a: argparse.Namespace, common: dict, corpus: str, bundle: str,
         rows.append((f"baseline (DataLoader, {os.cpu_count()} workers)",
                      run_child("baseline", **common, corpus=corpus, out=base_dir, workers=os.cpu_count())))
     agreement = {}
-    if "mlcls" not in a.skip and "dataloader" in a.variants:
-        w = a.workers or os.cpu_count() or 1
-        rows.append((f"mlcls engine fed by DataLoader ({w} workers), draft", run_child(
-            "decode", bundle=bundle, corpus=corpus, batch_size=a.batch_size, workers=w, draft=True,
-            device=a.device, loader="dataloader", with_model=True)))
     if "mlcls" not in a.skip:
-        for name in [v for v in a.variants if v != "dataloader"]:
+        for name in a.variants:
             out = os.path.join(OUT, f"run-{name}")
             shutil.rmtree(out, ignore_errors=True)
             r = run_child("mlcls", **common, corpus=corpus, out=out, workers=a.workers,

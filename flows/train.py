@@ -67,8 +67,7 @@ def train_bundle(labels: str, out: str, images: str | None = None, arch: str = "
     route_library_logs()
     cfg = TrainConfig(arch=arch, epochs=epochs, freeze_epochs=freeze_epochs, batch_size=batch_size, lr=lr,
                       loss=loss, pos_weight=pos_weight, seed=seed, device=device).validate()
-    mode = resize_mode or ("shorter" if resize_size else "squash")  # as `mlcls train`
-    pre = InputChoice(size=size, resize_mode=mode, resize_size=resize_size).check()
+    pre = InputChoice.of(size, resize_mode, resize_size)  # as `mlcls train`
     spec = LabelsSpec(path=labels, images=images, val_fraction=val_fraction, seed=seed)
     summary = train_task(spec, out, cfg.to_dict(), asdict(pre), weights, classes, name, storage_options)
     create_table_artifact(key=TRAIN_ARTIFACT, table=[{"item": k, "value": v} for k, v in summary.items()],

@@ -163,8 +163,7 @@ def _train_config(args: argparse.Namespace) -> Any:
 def _preprocess(args: argparse.Namespace) -> Any:
     from mlcls.train.input_size import InputChoice
 
-    mode = args.resize_mode or ("shorter" if args.resize_size else "squash")
-    return InputChoice(size=args.size, resize_mode=mode, resize_size=args.resize_size).check()
+    return InputChoice.of(args.size, args.resize_mode, args.resize_size)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

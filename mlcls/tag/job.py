@@ -180,7 +180,7 @@ def get_loader(bundle: Bundle, options: TagOptions, engine: Engine, *, remote: b
     workers = options.workers or default_decode_workers(device_type)
     io_workers = options.io_workers or (32 if remote else 8)
     gpu = device_type == "cuda" and options.gpu_decode > 0
-    pool = default_pool(device_type, workers) if options.decode_pool == "auto" else options.decode_pool
+    pool = default_pool(workers) if options.decode_pool == "auto" else options.decode_pool
     key = (bundle.preprocess, options.batch_size, workers, io_workers, options.max_pixels, options.draft, pool,
            str(engine.device), options.gpu_decode if gpu else 0.0,
            json.dumps(storage_options or {}, sort_keys=True, default=str))

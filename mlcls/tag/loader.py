@@ -1,6 +1,7 @@
 """Read and decode ahead of the model, in order, with bounded memory.
 
-Two ways to run the workers, chosen by how many there are:
+Three ways to run the workers; by default chosen by how many there are
+(`default_pool`):
 
 - threads, for a few workers (a small CPU box, where the model needs the
   cores): fsspec reads wait on I/O and Pillow releases the GIL while it
@@ -12,16 +13,15 @@ Two ways to run the workers, chosen by how many there are:
   chunks of files and send back pixels. They are forked, as torch's
   DataLoader does on Linux: a forkserver or spawned worker re-runs the
   caller's main module and starts in seconds, not milliseconds. The pool is
-  started with the Loader, so its start-up is not paid inside a shard.
-
-Either way the pool lives for the process, not for one shard, and at most
-`prefetch` batches are in flight.
-
-- torch's `DataLoader` (`dataloader=True`): an IterableDataset over the
-  shard, worker k reading and decoding every k-th batch with the same
+  started with the Loader, so its start-up is not paid inside a shard;
+- torch's `DataLoader` (`dataloader=True`, opt-in): an IterableDataset over
+  the shard, worker k reading and decoding every k-th batch with the same
   `load_chunk` (retried reads, an error row per bad file) and stacking uint8
   pixels; workers are forked per shard (tens of milliseconds), which is what
   lets them see the shard's records without a queue of our own.
+
+Threads and processes live for the process, not for one shard; at most
+`prefetch` batches are in flight.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ PROCESS_THRESHOLD = 4  # this many decode workers or more run as processes
 POOLS = ("threads", "processes", "dataloader")
 
 
-def default_pool(device_type: str, workers: int) -> str:
+def default_pool(workers: int) -> str:
     """Which decode pool runs by default: our threads (few workers) or processes with the ring (many).
 
     torch's DataLoader (`decode_pool="dataloader"`) decoded 15–38% faster
@@ -101,7 +101,7 @@ class Loader:
                                  **({"max_pixels": max_pixels} if max_pixels else {}))
         self.gpu_decoder = gpu_decoder
         self.pin_memory = pin_memory
-        self.processes = decode_workers >= PROCESS_THRESHOLD if processes is None else processes
+        self.processes = default_pool(decode_workers) == "processes" if processes is None else processes
         self.decode_workers = decode_workers
         self.dataloader = dataloader
         self._decode_slots = threading.Semaphore(decode_workers)
@@ -174,23 +174,16 @@ class Loader:
             if start != expected:  # rows are matched to records by position: never hand on a batch out of order
                 raise RuntimeError(f"decode workers returned batch {start}, expected {expected}")
             expected += len(decoded)
-            ok = [i for i, d in enumerate(decoded) if d.error is None and d.jpeg is None]
-            gpu = [i for i, d in enumerate(decoded) if d.jpeg is not None]
-            yield ImageBatch(records=records[start:expected], decoded=decoded, ok=ok, pixels=pixels, gpu=gpu)
+            yield _image_batch(records[start:expected], decoded, pixels)
 
     def _collate(self, chunk: list[tuple[FileRecord, Decoded]]) -> ImageBatch:
-        ok = [i for i, (_, d) in enumerate(chunk) if d.pixels is not None]
-        gpu = [i for i, (_, d) in enumerate(chunk) if d.jpeg is not None]
-        size = self.preprocess.size
-        if ok:
-            pixels = torch.from_numpy(np.stack([chunk[i][1].pixels for i in ok]))
-        else:
-            pixels = torch.empty((0, size, size, 3), dtype=torch.uint8)
-        for _, d in chunk:  # the batch owns the pixels now; ring slots get reused, memory stays bounded
-            d.pixels, d.slot = None, None
+        decoded = [d for _, d in chunk]
+        pixels = torch.from_numpy(stack_pixels(decoded, self.preprocess.size))  # the batch owns the pixels now:
+        for d in decoded:  # ring slots get reused, memory stays bounded
+            d.slot = None
         if self.pin_memory:
             pixels = pixels.pin_memory()
-        return ImageBatch(records=[r for r, _ in chunk], decoded=[d for _, d in chunk], ok=ok, pixels=pixels, gpu=gpu)
+        return _image_batch([r for r, _ in chunk], decoded, pixels)
 
     def device_pixels(self, batch: ImageBatch, device: torch.device) -> tuple[list[int], torch.Tensor]:
         """All of the batch's decodable images on `device`, and their positions in the batch.
@@ -233,11 +226,22 @@ class _ShardBatches(torch.utils.data.IterableDataset):
                 continue
             chunk = self.records[start:start + self.batch_size]
             decoded = load_chunk([r.uri for r in chunk], self.config, None, 0, [r.size for r in chunk])
-            ok = [d.pixels for d in decoded if d.pixels is not None]
-            pixels = np.stack(ok) if ok else np.empty((0, self.size, self.size, 3), np.uint8)
-            for d in decoded:
-                d.pixels = None
-            yield start, torch.from_numpy(pixels), decoded
+            yield start, torch.from_numpy(stack_pixels(decoded, self.size)), decoded
+
+
+def stack_pixels(decoded: list[Decoded], size: int) -> np.ndarray:
+    """The CPU-decoded images of a batch stacked as (n, size, size, 3) uint8; their `pixels` are let go."""
+    ok = [d.pixels for d in decoded if d.pixels is not None]
+    for d in decoded:
+        d.pixels = None
+    return np.stack(ok) if ok else np.empty((0, size, size, 3), np.uint8)
+
+
+def _image_batch(records: list[FileRecord], decoded: list[Decoded], pixels: torch.Tensor) -> ImageBatch:
+    """A batch whose `pixels` stack, in order, its images with neither an error nor bytes left for the GPU."""
+    ok = [i for i, d in enumerate(decoded) if d.error is None and d.jpeg is None]
+    gpu = [i for i, d in enumerate(decoded) if d.jpeg is not None]
+    return ImageBatch(records=records, decoded=decoded, ok=ok, pixels=pixels, gpu=gpu)
 
 
 def _context() -> multiprocessing.context.BaseContext:

@@ -38,6 +38,12 @@ class InputChoice:
     resize_mode: str = "squash"
     resize_size: int | None = None
 
+    @classmethod
+    def of(cls, size: int | None, resize_mode: str | None, resize_size: int | None) -> InputChoice:
+        """The choice from user options: no mode given means `shorter` with a `resize_size`, else `squash`."""
+        mode = resize_mode or ("shorter" if resize_size else "squash")
+        return cls(size=size, resize_mode=mode, resize_size=resize_size).check()
+
     def check(self) -> InputChoice:
         if self.size is not None and self.size < 16:
             raise OptionError(f"--size must be at least 16, not {self.size}")
