@@ -64,7 +64,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--loss", default="bce", choices=["bce", "focal", "asl"])
     p.add_argument("--pos-weight", action="store_true", help="BCE pos_weight n_neg/n_pos per class (clipped to 10)")
     p.add_argument("--no-augment", action="store_true", help="no augmentation at all")
-    p.add_argument("--no-hflip", action="store_true", help="no horizontal flips (text, digits, anything handed)")
+    p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=False,
+                   help="random horizontal flips, only where a mirror image keeps every label (photos of things); "
+                        "off by default: mirrored text, digits or logos teach the model shapes it never sees")
     p.add_argument("--vflip", action="store_true", help="also flip vertically (aerial, microscopy, shapes)")
     p.add_argument("--scale", type=float, default=0.85, metavar="MIN",
                    help="augmentation shrinks the whole image to between MIN and 1 of its side; it never crops "
@@ -155,7 +157,7 @@ def _train_config(args: argparse.Namespace) -> Any:
     resolve_device(args.device)
     return TrainConfig(arch=args.arch, epochs=args.epochs, freeze_epochs=args.freeze_epochs,
                        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
-                       device=args.device, augment=not args.no_augment, hflip=not args.no_hflip, vflip=args.vflip,
+                       device=args.device, augment=not args.no_augment, hflip=args.hflip, vflip=args.vflip,
                        scale=(args.scale, 1.0), loss=args.loss, pos_weight=args.pos_weight, amp=not args.no_amp,
                        compile=args.compile).validate()
 

@@ -4,7 +4,7 @@ Multi-label images can hold a labelled object anywhere, edges included: a
 random crop can cut it out while its label stays, teaching the model to
 call an absent object present. So nothing here removes image content:
 the whole frame is kept, mildly shrunk (zoom out, never in), shifted inside
-the slack that leaves, flipped, and jittered in brightness and contrast.
+the slack that leaves, flipped where asked, and jittered in brightness and contrast.
 All geometry is one `grid_sample` per batch (reflection padding fills the
 margin), so a CPU spends its time on the model, not on a Python loop.
 
@@ -28,7 +28,7 @@ class Augment:
     change of brightness and of contrast.
     """
 
-    def __init__(self, size: int, *, scale: tuple[float, float] = (0.85, 1.0), hflip: bool = True,
+    def __init__(self, size: int, *, scale: tuple[float, float] = (0.85, 1.0), hflip: bool = False,
                  vflip: bool = False, jitter: float = 0.1) -> None:
         if not 0 < scale[0] <= scale[1] <= 1:
             raise ValueError(f"scale must be within (0, 1], not {scale}")

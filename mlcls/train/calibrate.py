@@ -23,7 +23,7 @@ from mlcls.train.scoring import Scored
 
 def calibrated(scored: Scored, min_positives: int = metrics.MIN_POSITIVES_FOR_OWN_THRESHOLD,
                ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Per-class max-F1 thresholds on these images (few positives: the best global one)."""
+    """Per-class max-F1 thresholds on these images, shrunk toward the best global one (see `metrics`)."""
     return metrics.calibrate_thresholds(scored.scores, scored.targets, min_positives=min_positives)
 
 

@@ -88,7 +88,7 @@ def calibrate_bundle(model: str, spec: LabelsSpec | None, *, out: str | None = N
     thresholds, info = calibrated(scored, min_positives)
     info = {**info, "labels": spec.path, "images": len(scored.scores),
             "calibration": calibration_record(bundle, scored, thresholds, spec.path)}
-    return bundle, write_thresholds(model, out, thresholds, "f1-per-class", info, storage_options)
+    return bundle, write_thresholds(model, out, thresholds, info["method"], info, storage_options)
 
 
 def _score(bundle: Bundle, spec: LabelsSpec, options: ScoreOptions, storage_options: StorageOptions) -> Scored:

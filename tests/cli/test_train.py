@@ -35,7 +35,7 @@ def trained(tmp_path_factory):
 def test_train_writes_a_bundle_and_says_how_good_it_is(trained, capsys):
     _, labels, bundle_dir = trained
     bundle = load_bundle(str(bundle_dir))
-    assert bundle.name == "bundle" and bundle.threshold_method == "f1-per-class"
+    assert bundle.name == "bundle" and bundle.threshold_method == "f1-per-class-shrunk"
     assert bundle.metrics["training"]["labels"] == str(labels) and bundle.metrics["training"]["weights"] is None
     assert sorted(p.name for p in bundle_dir.iterdir()) == ["bundle.json", "model.safetensors"]
 
@@ -68,7 +68,7 @@ def test_calibrate_recalibrates_or_sets_thresholds_and_keeps_the_weights(trained
     assert "macro-F1" in capsys.readouterr().out
     before, after = load_bundle(str(bundle_dir)), load_bundle(str(tmp_path / "b2"))
     assert (tmp_path / "b2" / "model.safetensors").read_bytes() == (bundle_dir / "model.safetensors").read_bytes()
-    assert after.digest != before.digest and after.threshold_method == "f1-per-class"
+    assert after.digest != before.digest and after.threshold_method == "f1-per-class-shrunk"
     info = after.metrics["thresholds"]
     assert info["labels"] == str(labels) and info["images"] == 96 and info["min_positives"] == 3
     # the thresholds are max-F1 on the eval scores of those 96 images

@@ -80,22 +80,28 @@ def test_top_k_and_no_empty_images():
     assert m["subset_accuracy"] == 0.5
 
 
-def test_per_class_threshold_maximises_f1_and_rare_classes_fall_back():
+def test_per_class_threshold_maximises_f1_is_shrunk_toward_the_global_one_and_rare_classes_fall_back():
     scores, targets = _data(5, n=300)
     targets[:, 6] = 0
     targets[:4, 6] = 1  # 4 positives: fewer than 5, takes the global threshold
     thresholds, info = metrics.calibrate_thresholds(scores, targets)
-    assert info["method"] == "f1-per-class" and info["min_positives"] == 5
+    own, g = np.array(info["own_thresholds"]), info["global_threshold"]
+    assert info["method"] == "f1-per-class-shrunk" and info["min_positives"] == 5
     assert info["fallback"] == [3, 6] and info["fallback_classes"] == 2
-    assert thresholds[3] == thresholds[6] == pytest.approx(info["global_threshold"])
-    for j in (0, 1, 2, 4):  # the F1 at the chosen threshold is the best any cut achieves
-        f1 = skm.f1_score(targets[:, j], scores[:, j] >= thresholds[j])
+    assert thresholds[3] == thresholds[6] == pytest.approx(g)
+    for j in (0, 1, 2, 4):  # each class's own cut is the best any cut achieves ...
+        f1 = skm.f1_score(targets[:, j], scores[:, j] >= own[j])
         best = max(skm.f1_score(targets[:, j], scores[:, j] >= c) for c in np.unique(scores[:, j]))
         assert f1 == pytest.approx(best, abs=1e-9)
-        assert not np.isin(thresholds[j], scores[:, j])  # halfway between scores, not on one
-    micro = skm.f1_score(targets.ravel(), scores.ravel() >= info["global_threshold"])
+        assert not np.isin(own[j], scores[:, j])  # halfway between scores, not on one
+        n = targets[:, j].sum()  # ... and the threshold weighs it by its positives against 50 for the global cut
+        assert thresholds[j] == pytest.approx((n * own[j] + 50 * g) / (n + 50))
+        assert min(own[j], g) <= thresholds[j] <= max(own[j], g)
+    micro = skm.f1_score(targets.ravel(), scores.ravel() >= g)
     best = max(skm.f1_score(targets.ravel(), scores.ravel() >= c) for c in np.unique(scores))
     assert micro == pytest.approx(best, abs=1e-9)
+    unshrunk, _ = metrics.calibrate_thresholds(scores, targets, shrink=0)
+    np.testing.assert_allclose(unshrunk[[0, 1, 2, 4]], own[[0, 1, 2, 4]])
 
 
 def test_evaluate_reports_everything_named_in_the_issue():

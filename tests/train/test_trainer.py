@@ -48,7 +48,7 @@ def test_train_then_tag_gives_the_same_probabilities(tmp_path):
     trained = train_from_labels(LabelsSpec(str(labels)), str(tmp_path / "bundle"), cfg=CFG, pre=PRE)
     bundle = load_bundle(str(tmp_path / "bundle"))
     assert bundle.digest == trained.bundle.digest and bundle.classes == tuple(sorted(DATA.classes))
-    assert bundle.threshold_method == "f1-per-class" and bundle.preprocess == PRE
+    assert bundle.threshold_method == "f1-per-class-shrunk" and bundle.preprocess == PRE
     result = trained.result
     v = bundle.metrics["validation"]
     assert v["images"] == trained.val_images == 24 and trained.train_images == 72
@@ -164,13 +164,16 @@ def test_every_loss_option_trains(arrays, loss, pos_weight):
 
 def test_augment_flips_and_shrinks_but_never_cuts_anything_out():
     x = torch.rand(64, 3, 8, 8)
-    out = Augment(8, scale=(1.0, 1.0), jitter=0.0)(x, torch.Generator().manual_seed(0))
+    out = Augment(8, scale=(1.0, 1.0), hflip=True, jitter=0.0)(x, torch.Generator().manual_seed(0))
     same = torch.isclose(out, x, atol=1e-5).flatten(1).all(1)
     flipped = torch.isclose(out, x.flip(-1), atol=1e-5).flatten(1).all(1)
     assert (same | flipped).all() and 16 < int(flipped.sum()) < 48  # whole image, flipped about half the time
+    unflipped = Augment(8, scale=(1.0, 1.0), jitter=0.0)(x, torch.Generator().manual_seed(0))
+    assert torch.allclose(unflipped, x, atol=1e-5)  # no flips unless asked: a mirrored digit is not a digit
+    assert TrainConfig().hflip is False
     corner = torch.zeros(64, 3, 32, 32)
     corner[:, :, :4, :4] = 1.0  # an "object" in the corner, where a random crop would cut it off
-    out = Augment(32, scale=(0.6, 0.8), vflip=True, jitter=0.0)(corner, torch.Generator().manual_seed(0))
+    out = Augment(32, scale=(0.6, 0.8), hflip=True, vflip=True, jitter=0.0)(corner, torch.Generator().manual_seed(0))
     assert out.shape == (64, 3, 32, 32) and not torch.isclose(out, corner, atol=1e-3).flatten(1).all(1).any()
     kept = out.flatten(1).amax(1)  # the object is still in every image, at (nearly) full strength
     assert (kept > 0.9).all()
