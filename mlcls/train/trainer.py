@@ -9,8 +9,9 @@ exactly what was measured.
 
 The defaults are measured against the loop a user writes by hand (issue 14,
 bench/train_vs_loop.py): AdamW at 1e-3 with a warm-up, a flat stretch and a
-cosine anneal (`schedule.py`), as many epochs as give the data set a few
-hundred steps, augmentation that keeps every label true (`augment.py`). With
+cosine anneal (`schedule.py`), batches of 64, as many epochs as show the
+model about 12,000 images, augmentation that keeps every label true and no
+flips unless asked (`augment.py`). With
 pretrained weights whose head had to be replaced, the backbone is frozen for
 the first epoch (only the new head learns); from random init, or from
 weights whose head fits, nothing is frozen. bf16 autocast runs where the
@@ -86,7 +87,7 @@ class TrainConfig:
     arch: str = "mobilenet_v3_small"
     epochs: int | None = None
     freeze_epochs: int | None = None
-    batch_size: int = 32
+    batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup: float = 0.03
@@ -129,7 +130,7 @@ class TrainConfig:
         """This config with `epochs` fixed: the given number, or the one that fits `train_images`."""
         if self.epochs is not None:
             return self
-        return replace(self, epochs=default_epochs(train_images, self.batch_size)).validate()
+        return replace(self, epochs=default_epochs(train_images)).validate()
 
     def frozen_epochs(self, init: InitWeights | None) -> int:
         if self.freeze_epochs is not None:
