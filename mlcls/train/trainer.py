@@ -18,9 +18,10 @@ weights whose head fits, nothing is frozen. bf16 autocast runs where the
 hardware computes bf16 natively (CUDA, CPUs with AMX or AVX-512 BF16), with
 channels-last tensors; `compile` wraps the model in `torch.compile`.
 
-Only the last two epochs of the anneal are validated (the best weights are
-there; `schedule.validated_epochs`): batch-norm statistics are then recomputed exactly ("precise BN"), the
-model is validated, and the validated epoch with the best mAP is kept. The
+Only the last epoch is validated (the anneal ends at the best weights;
+`schedule.validated_epochs`): batch-norm statistics are then recomputed
+exactly ("precise BN"), the model is validated, and the validated epoch with
+the best mAP is kept. The
 whole run state is checkpointed after every epoch (`checkpoint.py`), so a
 run that dies resumes where it stopped and ends exactly as an
 uninterrupted one.
