@@ -2,6 +2,7 @@
 
     python bench/train_vs_loop.py                          # 1,500 train / 500 test canvases (issue 14's size)
     python bench/train_vs_loop.py --train 600 --test 200 --loop-epochs 3   # a quick smoke run
+    python bench/train_vs_loop.py --grid --digit-side 44 60   # one digit per quadrant: an easier layout
     python bench/train_vs_loop.py --mlcls-cmd "env PYTHONPATH=../main python -m mlcls.cli"   # another checkout
 
 Real images, offline. `--digits mnist` (default): the 5,000 real 28x28
@@ -83,21 +84,31 @@ def digit_pools(source: str, seed: int, test_share: float = 0.28) -> tuple[tuple
 
 
 def canvas(pool: tuple[np.ndarray, np.ndarray], rng: np.random.Generator,
-           sides: tuple[int, int] = (24, 40)) -> tuple[np.ndarray, list[str]]:
-    """One 128x128 canvas with 0-4 non-overlapping digits (13 % none) and its label set."""
+           sides: tuple[int, int] = (24, 40), grid: bool = False) -> tuple[np.ndarray, list[str]]:
+    """One 128x128 canvas with 0-4 non-overlapping digits (13 % none) and its label set.
+
+    `grid`: each digit in its own 64 px quadrant (sides at most 64), anywhere inside it.
+    """
     images, targets = pool
     out = np.zeros((CANVAS, CANVAS), dtype=np.uint8)
     count = 0 if rng.random() < 0.13 else int(rng.integers(1, 5))
     boxes: list[tuple[int, int, int]] = []
     labels: set[str] = set()
-    for _ in range(count):
+    cells = rng.permutation(4) if grid else None  # drawn only for grids: other canvases stay as they were
+    for n in range(count):
         side = int(rng.integers(sides[0], sides[1] + 1))
-        for _try in range(50):
-            x, y = (int(v) for v in rng.integers(0, CANVAS - side + 1, size=2))
-            if all(x + side <= bx or bx + bs <= x or y + side <= by or by + bs <= y for bx, by, bs in boxes):
-                break
+        if cells is not None:
+            half = CANVAS // 2
+            side = min(side, half)
+            x, y = (int(cells[n] % 2) * half + int(rng.integers(0, half - side + 1)),
+                    int(cells[n] // 2) * half + int(rng.integers(0, half - side + 1)))
         else:
-            continue
+            for _try in range(50):
+                x, y = (int(v) for v in rng.integers(0, CANVAS - side + 1, size=2))
+                if all(x + side <= bx or bx + bs <= x or y + side <= by or by + bs <= y for bx, by, bs in boxes):
+                    break
+            else:
+                continue
         k = int(rng.integers(len(images)))
         digit = np.asarray(Image.fromarray(images[k]).resize((side, side), Image.Resampling.BILINEAR))
         out[y:y + side, x:x + side] = np.maximum(out[y:y + side, x:x + side], digit)
@@ -107,13 +118,13 @@ def canvas(pool: tuple[np.ndarray, np.ndarray], rng: np.random.Generator,
 
 
 def write_set(folder: str, pool: tuple[np.ndarray, np.ndarray], n: int, seed: int,
-              sides: tuple[int, int] = (24, 40)) -> str:
+              sides: tuple[int, int] = (24, 40), grid: bool = False) -> str:
     """`n` canvases as PNGs under `folder` and `folder/labels.csv` (image, labels); returns the labels path."""
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(seed)
     rows = ["image,labels"]
     for i in range(n):
-        pixels, labels = canvas(pool, rng, sides)
+        pixels, labels = canvas(pool, rng, sides, grid)
         name = f"{i:05d}.png"
         Image.fromarray(pixels).save(os.path.join(folder, name))
         rows.append(f"{name},{' '.join(labels)}")
@@ -203,6 +214,7 @@ def main() -> None:
     p.add_argument("--digits", choices=["mnist", "sklearn"], default="mnist", help="which real scans")
     p.add_argument("--digit-side", type=int, nargs=2, default=[24, 40], metavar=("MIN", "MAX"),
                    help="a digit's side on the canvas, px")
+    p.add_argument("--grid", action="store_true", help="one digit per 64 px quadrant (an easier layout)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mlcls-cmd", default=f"{sys.executable} -m mlcls.cli", help="how to run mlcls")
     p.add_argument("--mlcls-args", default="", help="extra `mlcls train` arguments (default: none)")
@@ -214,12 +226,12 @@ def main() -> None:
     results: dict = {"date": datetime.now(UTC).isoformat(timespec="minutes"), "cpu": platform.processor(),
                      "cores": os.cpu_count(), "threads": torch.get_num_threads(), "load_before": os.getloadavg(),
                      "argv": sys.argv[1:], "digits": args.digits,
-                     "digit_side": args.digit_side}
+                     "digit_side": args.digit_side, "grid": args.grid}
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         train_pool, test_pool = digit_pools(args.digits, args.seed)
         sides = tuple(args.digit_side)
-        train_labels = write_set(os.path.join(tmp, "train"), train_pool, args.train, args.seed + 1, sides)
-        test_labels = write_set(os.path.join(tmp, "test"), test_pool, args.test, args.seed + 2, sides)
+        train_labels = write_set(os.path.join(tmp, "train"), train_pool, args.train, args.seed + 1, sides, args.grid)
+        test_labels = write_set(os.path.join(tmp, "test"), test_pool, args.test, args.seed + 2, sides, args.grid)
         test_y = multi_hot(read_labels(LabelsSpec(test_labels)).labels, CLASSES)
         results["test_no_label_images"] = int((test_y.sum(1) == 0).sum())
         weights = os.path.join(tmp, "loop.pt")
