@@ -21,10 +21,9 @@ channels-last tensors; `compile` wraps the model in `torch.compile`.
 Only the last epoch is validated (the anneal ends at the best weights;
 `schedule.validated_epochs`): batch-norm statistics are then recomputed
 exactly ("precise BN"), the model is validated, and the validated epoch with
-the best mAP is kept. The
-whole run state is checkpointed after every epoch (`checkpoint.py`), so a
-run that dies resumes where it stopped and ends exactly as an
-uninterrupted one.
+the best mAP is kept. The whole run state is checkpointed after every epoch
+(`checkpoint.py`), so a run that dies resumes where it stopped and ends
+exactly as an uninterrupted one.
 
 Images are decoded once into uint8 arrays (`mlcls.train.image_cache`) and
 augmented as tensors on the device, which keeps a CPU busy with the model
@@ -77,12 +76,14 @@ class TrainConfig:
     keep; a fitting head needs no warm-up alone). `warmup` and `anneal` are
     shares of the steps (`schedule.lr_factor`). `scale` is the range of
     the augmented content's side (zoom out only), `jitter` the brightness
-    and contrast change. Horizontal flips are off unless asked for: a
-    mirrored digit, letter or logo is not what the class looks like, and on
-    handwritten scans flips cost test mAP 0.99 -> 0.92 (bench/RESULTS.md,
-    issue 14); photos of things, where a mirror image keeps its labels, gain
-    little from them in a short run. `precise_bn` training images recompute batch-norm
+    and contrast change. `precise_bn` training images recompute batch-norm
     statistics before each validation (0: keep the moving averages).
+
+    Horizontal flips are off unless asked for: a mirrored digit, letter or
+    logo is not what the class looks like, and on handwritten scans flips
+    cost test mAP 0.99 -> 0.92 (bench/RESULTS.md, issue 14); photos of
+    things, where a mirror image keeps its labels, gain little from them in
+    a short run.
     """
 
     arch: str = "mobilenet_v3_small"
