@@ -124,6 +124,8 @@ class TrainConfig:
             raise OptionError(f"--loss {self.loss!r}: use one of {', '.join(LOSSES)}")
         if self.precise_bn < 0:
             raise OptionError("precise_bn (images for batch-norm statistics) must be >= 0")
+        if not self.augment and (self.hflip or self.vflip):
+            raise OptionError("--hflip and --vflip are augmentations: drop them or --no-augment")
         if self.pos_weight and self.loss != "bce":
             raise OptionError(f"--pos-weight goes with --loss bce; {self.loss} balances classes its own way")
         return self

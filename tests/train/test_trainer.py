@@ -191,6 +191,9 @@ def test_config_is_checked_before_training():
         TrainConfig(loss="hinge").validate()
     with pytest.raises(OptionError, match="--scale must be in \\(0, 1\\]"):
         TrainConfig(scale=(0.9, 1.2)).validate()
+    with pytest.raises(OptionError, match="--hflip and --vflip are augmentations"):
+        TrainConfig(augment=False, vflip=True).validate()
+    assert TrainConfig(augment=False).validate().hflip is False
     assert TrainConfig.from_dict(TrainConfig(scale=(0.5, 1.0)).to_dict()).scale == (0.5, 1.0)
 
 
