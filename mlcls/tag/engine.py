@@ -136,6 +136,7 @@ class Engine:
                  channels_last: bool = True, compile: bool = False, batch_size: int | None = None) -> None:
         self.bundle = bundle
         self.device = device
+        self.compiled = compile
         self.pad_to = batch_size if compile else None
         self.amp_dtype = resolve_precision(precision, device)
         model = bundle.build_model().to(device)
@@ -149,6 +150,8 @@ class Engine:
         self.normalise = Normaliser(bundle.preprocess, device)
         self.thresholds = np.asarray(bundle.thresholds, dtype=np.float32)
         self.max_batch: int | None = None  # set by a CUDA out-of-memory error: batches are split to this size
+        self.base_threads = torch.get_num_threads()  # what a shard's thread balance gives back (`threads.py`)
+        self.threads_chosen: dict[int, int] = {}  # decode threads -> torch threads the probe chose
         self._streams = _Streams(device) if device.type == "cuda" else None
         self._lock = threading.Lock()
 

@@ -35,6 +35,7 @@ from mlcls.tag.compiling import parse_compile, should_compile
 from mlcls.tag.engine import PRECISIONS, Engine, Pending, get_engine, has_engine, resolve_device
 from mlcls.tag.loader import POOLS, Loader, default_decode_workers, default_pool
 from mlcls.tag.plan import RunPlan, Shard, iter_shards, read_shard, remove_manifests, run_dir
+from mlcls.tag.threads import ThreadBalance, user_pinned_threads
 
 _ERROR_SAMPLE = 20
 
@@ -276,19 +277,7 @@ def tag_shard(shard: Shard, *, model: str | None, out: str, options: TagOptions,
     remote = bool(records) and "://" in records[0].uri
     loader = get_loader(bundle, options, engine, remote=remote, storage_options=storage_options)
     probs = np.zeros((len(records), len(bundle.classes)), dtype=np.float32)
-    decoded: list = []
-    in_flight: list[tuple[list[int], Pending]] = []  # one batch on the device while the next is prepared
-    for batch in loader.batches(records, options.batch_size):
-        start = len(decoded)
-        order, pixels = loader.device_pixels(batch, engine.device)
-        in_flight.append(([start + i for i in order], engine.submit(pixels)))
-        if len(in_flight) > 1:
-            _collect(probs, *in_flight.pop(0))
-        decoded.extend(batch.decoded)  # after device_pixels: a GPU decode failure is replaced by the CPU's result
-        failed = len(batch.decoded) - len(order)
-        progress.emit(progress.Event("images", count=len(batch.decoded), errors=failed, shard=shard.id))
-    for rows, pending in in_flight:
-        _collect(probs, rows, pending)
+    decoded = _infer(records, loader, engine, options.batch_size, probs, shard.id)
     mode = ProbsMode.parse(options.probs)
     meta = file_metadata(model_id=bundle.model_id, digest=bundle.digest, classes=bundle.classes,
                          thresholds=bundle.thresholds, mode=mode)
@@ -300,6 +289,39 @@ def tag_shard(shard: Shard, *, model: str | None, out: str, options: TagOptions,
     result.part, result.seconds = part, time.perf_counter() - started
     progress.emit(progress.Event("shard_done", count=len(records), errors=result.errors, shard=shard.id))
     return result
+
+
+def _infer(records: list, loader: Loader, engine: Engine, batch_size: int, probs: np.ndarray,
+           shard_id: str) -> list:
+    """Decode and run the shard's batches, filling `probs` in place; returns every record's decode result."""
+    decoded: list = []
+    in_flight: list[tuple[list[int], Pending]] = []  # one batch on the device while the next is prepared
+    balance = thread_balance(engine, loader, -(-len(records) // batch_size))
+    try:
+        for index, batch in enumerate(loader.batches(records, batch_size)):
+            start = len(decoded)
+            order, pixels = loader.device_pixels(batch, engine.device)
+            with balance.batch(index, len(order)):
+                in_flight.append(([start + i for i in order], engine.submit(pixels)))
+            if len(in_flight) > 1:
+                _collect(probs, *in_flight.pop(0))
+            decoded.extend(batch.decoded)  # after device_pixels: a GPU decode failure is replaced by the CPU's
+            failed = len(batch.decoded) - len(order)
+            progress.emit(progress.Event("images", count=len(batch.decoded), errors=failed, shard=shard_id))
+        for rows, pending in in_flight:
+            _collect(probs, rows, pending)
+    finally:
+        balance.close()
+    return decoded
+
+
+def thread_balance(engine: Engine, loader: Loader, batches: int) -> ThreadBalance:
+    """Probe torch's threads beside the decode threads on a CPU engine (`threads.py`); elsewhere leave them."""
+    if engine.device.type != "cpu" or engine.compiled or loader.processes or loader.dataloader \
+            or user_pinned_threads():
+        return ThreadBalance.off()
+    return ThreadBalance(engine.threads_chosen, engine.base_threads, loader.decode_workers, loader.decode_clock,
+                         batches)
 
 
 _PLANNED = [0]  # images the last plan in this process counted: the work `--compile auto` weighs

@@ -30,6 +30,7 @@ import itertools
 import multiprocessing
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -45,6 +46,7 @@ from mlcls.images.load import LoadConfig, decode_one, load_chunk, new_ring, read
 from mlcls.images.preprocess import Preprocess
 from mlcls.sources import FileRecord
 from mlcls.storage import StorageOptions, read_one
+from mlcls.tag.threads import StageClock
 
 PROCESS_THRESHOLD = 4  # this many decode workers or more run as processes
 
@@ -105,6 +107,7 @@ class Loader:
         self.decode_workers = decode_workers
         self.dataloader = dataloader
         self._decode_slots = threading.Semaphore(decode_workers)
+        self.decode_clock = StageClock()  # decode time per image in threads mode (`threads.ThreadBalance`)
         self._pool: Executor
         if self.processes:
             self._ring_id, self._ring = new_ring(ring_images, preprocess.size)
@@ -121,7 +124,10 @@ class Loader:
         except Exception as err:  # noqa: BLE001 - any filesystem error is this file's error
             return read_error(err)
         with self._decode_slots:
-            return decode_one(data, self.config, record.uri)
+            started = time.perf_counter()
+            decoded = decode_one(data, self.config, record.uri)
+            self.decode_clock.add(time.perf_counter() - started)
+            return decoded
 
     def decoded(self, records: Iterable[FileRecord], window: int,
                 held: int = 0) -> Iterator[tuple[FileRecord, Decoded]]:

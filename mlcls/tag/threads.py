@@ -1,0 +1,142 @@
+"""How many torch threads the model gets beside the CPU decode threads: measured on the run, not guessed.
+
+On a CPU the model and the decode workers share the cores. torch starts
+one intra-op thread per core, so with W decode threads the machine runs
+cores + W busy threads: OpenMP's workers spin between operators and the
+decode threads lose their core, or the decode threads preempt a worker and
+every operator waits for it at its barrier. Which split is faster depends
+on the model (bench/RESULTS.md, issue 11, 2 cores, one decode thread,
+whole `mlcls tag` runs): mobilenet_v3_large ran 99.8 img/s with one torch
+thread against 92.0 with two (3 of 3 rounds), resnet50 28.5 against 36.9.
+No fixed default serves both, so the first batches of a long enough shard
+(`MIN_BATCHES`)
+try both splits (all threads, then all but one per decode worker), time
+the forward pass and the decoding per image under each, and keep the split
+whose slower stage is faster: with decoding ahead of the model, the
+slower stage sets the pace. The choice is kept on the engine: later shards
+in the process skip the probe.
+
+Only for in-process decode threads on an eager CPU engine (Inductor fixes
+a compiled kernel's thread count when it compiles), and only when the user
+has not set `OMP_NUM_THREADS` (then torch's threads are theirs).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+PROBE_BATCHES = 2  # batches timed under each split, after one warm-up batch
+MIN_BATCHES = 20  # shorter shards are not probed: the losing split would run more than a tenth of them
+
+
+class StageClock:
+    """Seconds and items of work done by many threads (the decode threads add to it)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.seconds = 0.0
+        self.items = 0
+
+    def add(self, seconds: float, items: int = 1) -> None:
+        with self._lock:
+            self.seconds += seconds
+            self.items += items
+
+    def read(self) -> tuple[float, int]:
+        with self._lock:
+            return self.seconds, self.items
+
+
+@dataclass
+class _Arm:
+    """One split's measurements: forward seconds and images, decode seconds and images in its window."""
+
+    threads: int
+    model_seconds: float = 0.0
+    model_images: int = 0
+    decode_seconds: float = 0.0
+    decoded: int = 0
+
+    def per_image(self, workers: int) -> float:
+        """Seconds per image of the slower stage (decoding is shared by `workers` threads)."""
+        model = self.model_seconds / max(1, self.model_images)
+        decode = self.decode_seconds / self.decoded / workers if self.decoded else 0.0
+        return max(model, decode)
+
+
+class ThreadBalance:
+    """Sets torch's threads per batch: the probe's splits first, then the faster one (see the module doc)."""
+
+    def __init__(self, chosen: dict[int, int] | None, base: int, workers: int, decode_clock: StageClock | None,
+                 batches: int) -> None:
+        self.saved, self.workers, self.clock, self.chosen = base, workers, decode_clock, chosen
+        lean = base - workers
+        self.arms: list[_Arm] = []
+        if chosen is not None and workers in chosen:
+            self.fixed: int | None = chosen[workers]
+        elif chosen is not None and decode_clock is not None and lean >= 1 and batches >= MIN_BATCHES:
+            self.fixed = None
+            self.arms = [_Arm(base), _Arm(lean)]
+        else:
+            self.fixed = base
+        self._mark: tuple[float, int] = (0.0, 0)
+
+    @classmethod
+    def off(cls) -> ThreadBalance:
+        """Leave torch's threads as they are (GPU engines, process pools, threads the user pinned)."""
+        return cls(None, torch.get_num_threads(), 0, None, 0)
+
+    def _arm(self, index: int) -> _Arm | None:
+        k = (index - 1) // PROBE_BATCHES
+        return self.arms[k] if self.arms and index >= 1 and k < len(self.arms) else None
+
+    @contextmanager
+    def batch(self, index: int, images: int) -> Iterator[None]:
+        """Run batch `index` (0-based) of `images` images under this balance's threads; time it if probed."""
+        arm = self._arm(index)
+        if self.fixed is None and arm is None and index > len(self.arms) * PROBE_BATCHES:
+            self._decide()
+        threads = arm.threads if arm is not None else (self.fixed or self.saved)
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        if arm is not None and (index - 1) % PROBE_BATCHES == 0:
+            self._mark = self.clock.read() if self.clock else (0.0, 0)
+        started = time.perf_counter()
+        yield
+        if arm is None:
+            return
+        arm.model_seconds += time.perf_counter() - started
+        arm.model_images += images
+        if (index - 1) % PROBE_BATCHES == PROBE_BATCHES - 1 and self.clock is not None:
+            seconds, items = self.clock.read()
+            arm.decode_seconds, arm.decoded = seconds - self._mark[0], items - self._mark[1]
+
+    def _decide(self) -> None:
+        full, lean = self.arms
+        best = min(self.arms, key=lambda a: a.per_image(self.workers))
+        self.fixed = best.threads
+        if self.chosen is not None:
+            self.chosen[self.workers] = best.threads
+        log.info("torch threads beside %d decode thread(s): %d (slower stage %.1f ms an image with %d threads, "
+                 "%.1f with %d)", self.workers, best.threads, 1e3 * full.per_image(self.workers), full.threads,
+                 1e3 * lean.per_image(self.workers), lean.threads)
+
+    def close(self) -> None:
+        """Give torch back the threads the engine started with."""
+        if torch.get_num_threads() != self.saved:
+            torch.set_num_threads(self.saved)
+
+
+def user_pinned_threads() -> bool:
+    """Whether the user chose torch's threads through the environment (then they are left alone)."""
+    return bool(os.environ.get("OMP_NUM_THREADS"))

@@ -1,0 +1,78 @@
+"""torch's threads beside the CPU decode threads: the probe keeps the faster split, and gives the threads back."""
+
+from __future__ import annotations
+
+import time
+
+import polars as pl
+import pytest
+import torch
+
+from mlcls.tag.engine import clear_engines, get_engine
+from mlcls.tag.job import TagOptions, get_bundle, tag_images
+from mlcls.tag.threads import MIN_BATCHES, PROBE_BATCHES, StageClock, ThreadBalance
+from tests.helpers.images import write_images
+
+
+@pytest.fixture
+def two_threads():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(saved)
+
+
+def _run(balance: ThreadBalance, clock: StageClock, batches: int, cost: dict[int, tuple[float, float]]) -> list[int]:
+    """Drive `batches` batches of 4 images; cost[threads] = (model s, decode s) an image under that split."""
+    seen = []
+    for index in range(batches):
+        with balance.batch(index, 4):
+            threads = torch.get_num_threads()
+            seen.append(threads)
+            model, decode = cost[threads]
+            time.sleep(4 * model)
+            clock.add(4 * decode, 4)  # what the decode threads did meanwhile
+    balance.close()
+    return seen
+
+
+@pytest.mark.parametrize(("cost", "winner"), [
+    ({2: (0.002, 0.012), 1: (0.004, 0.003)}, 1),  # decoding starved by two model threads: one thread each
+    ({2: (0.003, 0.004), 1: (0.009, 0.002)}, 2),  # the model is the slow stage: it keeps both cores
+])
+def test_the_probe_keeps_the_split_whose_slower_stage_is_faster(two_threads, cost, winner):
+    chosen: dict[int, int] = {}
+    clock = StageClock()
+    seen = _run(ThreadBalance(chosen, 2, 1, clock, MIN_BATCHES), clock, MIN_BATCHES, cost)
+    probe_end = 1 + 2 * PROBE_BATCHES
+    assert seen[:probe_end] == [2] + [2] * PROBE_BATCHES + [1] * PROBE_BATCHES
+    assert set(seen[probe_end:]) == {winner}
+    assert chosen == {1: winner}
+    assert torch.get_num_threads() == 2  # given back
+    again = _run(ThreadBalance(chosen, 2, 1, StageClock(), MIN_BATCHES), StageClock(), 3, cost)
+    assert again == [winner] * 3  # the next shard does not probe
+
+
+def test_short_shards_and_pinned_threads_are_left_alone(two_threads):
+    cost = {2: (0.0, 0.0), 1: (0.0, 0.0)}
+    assert _run(ThreadBalance({}, 2, 1, StageClock(), MIN_BATCHES - 1), StageClock(), 8, cost) == [2] * 8
+    assert _run(ThreadBalance.off(), StageClock(), MIN_BATCHES, cost) == [2] * MIN_BATCHES
+
+
+def test_a_long_cpu_run_probes_once_and_its_rows_match_pinned_threads(tmp_path, tiny_bundle, two_threads,
+                                                                       monkeypatch):
+    write_images(tmp_path / "src", MIN_BATCHES + 2)
+    opts = TagOptions(batch_size=1, workers=1, device="cpu", precision="fp32", draft=False)
+    clear_engines()
+    tag_images(str(tmp_path / "src"), str(tmp_path / "probed"), tiny_bundle, opts)
+    engine = get_engine(get_bundle(tiny_bundle), "cpu", precision="fp32", compile=False, batch_size=None)
+    assert set(engine.threads_chosen) == {1} and engine.threads_chosen[1] in (1, 2)
+    assert torch.get_num_threads() == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's choice: no probe
+    tag_images(str(tmp_path / "src"), str(tmp_path / "pinned"), tiny_bundle, opts)
+    a, b = (pl.read_delta(str(tmp_path / d)).sort("uri") for d in ("probed", "pinned"))
+    assert a.height == b.height == MIN_BATCHES + 2
+    assert a.select("uri", "labels", "error").equals(b.select("uri", "labels", "error"))
+    diff = max(abs(x - y) for ra, rb in zip(a["probs"].to_list(), b["probs"].to_list(), strict=True)
+               for x, y in zip(ra.values(), rb.values(), strict=True))
+    assert diff < 1e-5
