@@ -41,6 +41,8 @@ VARIANTS = {  # name: TagOptions overrides
     "hybrid-0.5": {"draft": True, "precision": "auto", "gpu_decode": 0.5},
     "auto": {},
     "auto-threads": {"decode_pool": "threads"},
+    # the default with torch's threads pinned to the cores (OMP_NUM_THREADS): no thread-split probe, as before it
+    "auto-all-threads": {"_env": {"OMP_NUM_THREADS": str(os.cpu_count() or 1)}},
     "auto-dataloader": {"decode_pool": "dataloader"},
     "draft-threads": {"draft": True, "precision": "fp32", "decode_pool": "threads"},
 }
@@ -283,7 +285,7 @@ CHILDREN = {"nvjpeg": child_nvjpeg, "model": child_model, "decode": child_decode
             "baseline": child_baseline}
 
 
-def run_child(mode: str, **kw) -> dict:
+def run_child(mode: str, env: dict[str, str] | None = None, **kw) -> dict:
     args = [sys.executable, os.path.abspath(__file__), "--child", mode]
     for k, v in kw.items():
         if isinstance(v, bool):
@@ -291,7 +293,7 @@ def run_child(mode: str, **kw) -> dict:
                 args.append(f"--{k.replace('_', '-')}")
         elif v is not None:
             args += [f"--{k.replace('_', '-')}", str(v)]
-    proc = subprocess.run(args, capture_output=True, text=True)
+    proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if proc.returncode != 0:
         print(proc.stderr[-3000:], file=sys.stderr, flush=True)
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
@@ -460,8 +462,10 @@ def measure(a: argparse.Namespace, common: dict, corpus: str, bundle: str,
         for name in a.variants:
             out = os.path.join(OUT, f"run-{name}")
             shutil.rmtree(out, ignore_errors=True)
-            r = run_child("mlcls", **common, corpus=corpus, out=out, workers=a.workers,
-                          options=json.dumps(VARIANTS[name]))
+            options = dict(VARIANTS[name])
+            env = options.pop("_env", None)
+            r = run_child("mlcls", env, **common, corpus=corpus, out=out, workers=a.workers,
+                          options=json.dumps(options))
             rows.append((f"mlcls end to end, {name}", r))
             if name == "fp32" and "baseline" not in a.skip and "error" not in r:
                 agreement["max |p - baseline| (fp32, no draft)"] = compare_probs(out, base_dir, 80)
