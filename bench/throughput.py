@@ -28,7 +28,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 OUT = os.environ.get("MLCLS_BENCH_DIR", os.path.join(ROOT, "bench", "out"))
-VARIANTS = {  # name: TagOptions overrides
+VARIANTS = {  # name: TagOptions overrides ("_env": environment for the child instead)
     "fp32": {"draft": False, "precision": "fp32"},
     "draft": {"draft": True, "precision": "fp32"},
     "compile": {"draft": True, "precision": "fp32", "compile": "on"},

@@ -109,17 +109,17 @@ class ThreadBalance:
         threads = arm.threads if arm is not None else (self.fixed or self.saved)
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
-        if arm is not None and (index - 1) % PROBE_BATCHES == 0:
-            self._mark = self.clock.read() if self.clock else (0.0, 0)
+        if arm is None or self.clock is None:
+            yield
+            return
+        if (index - 1) % PROBE_BATCHES == 0:  # the arm's first batch: its decode window opens
+            self._mark = self.clock.read()
         started = time.perf_counter()
         yield
-        if arm is None:
-            return
         arm.model_seconds += time.perf_counter() - started
         arm.model_images += images
-        if (index - 1) % PROBE_BATCHES == PROBE_BATCHES - 1 and self.clock is not None:
-            seconds, items = self.clock.read()
-            arm.decode_seconds, arm.decoded = seconds - self._mark[0], items - self._mark[1]
+        seconds, items = self.clock.read()  # the window so far; its last batch leaves the whole arm's
+        arm.decode_seconds, arm.decoded = seconds - self._mark[0], items - self._mark[1]
 
     def _decide(self) -> None:
         full, lean = self.arms
