@@ -3,6 +3,7 @@
     python bench/train_vs_loop.py                          # 1,500 train / 500 test canvases (issue 14's size)
     python bench/train_vs_loop.py --train 600 --test 200 --loop-epochs 3   # a quick smoke run
     python bench/train_vs_loop.py --grid --digit-side 44 60   # one digit per quadrant: an easier layout
+    python bench/train_vs_loop.py --grid --digit-side 60 64   # the closest to issue 14's scans (loop mAP 0.991)
     python bench/train_vs_loop.py --mlcls-cmd "env PYTHONPATH=../main python -m mlcls.cli"   # another checkout
 
 Real images, offline. `--digits mnist` (default): the 5,000 real 28x28

@@ -130,11 +130,16 @@ class TrainConfig:
             raise OptionError(f"--pos-weight goes with --loss bce; {self.loss} balances classes its own way")
         return self
 
-    def for_data(self, train_images: int) -> TrainConfig:
-        """This config with `epochs` fixed: the given number, or the one that fits `train_images`."""
+    def for_data(self, train_images: int, reduced_precision: bool = False) -> TrainConfig:
+        """This config with `epochs` fixed: the given number, or the one that fits `train_images` (and the
+        precision the steps run in: cheaper bf16 steps buy a few more passes, `schedule.default_epochs`)."""
         if self.epochs is not None:
             return self
-        return replace(self, epochs=default_epochs(train_images)).validate()
+        return replace(self, epochs=default_epochs(train_images, reduced_precision)).validate()
+
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The autocast dtype this config trains in on its device (None: plain fp32)."""
+        return resolve_precision("auto", resolve_device(self.device)) if self.amp else None
 
     def frozen_epochs(self, init: InitWeights | None) -> int:
         if self.freeze_epochs is not None:
@@ -201,7 +206,7 @@ class Trainer:
         total = self.epochs * steps_per_epoch
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda step: lr_factor(step, total, cfg.warmup, cfg.anneal))
-        self.amp = resolve_precision("auto", self.device) if cfg.amp else None
+        self.amp = cfg.autocast_dtype()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.head = {id(p) for p in head_parameters(self.model, cfg.arch, num_classes)}
         self.frozen_epochs = cfg.frozen_epochs(init)
@@ -352,7 +357,8 @@ def fit(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.n
     size. With `checkpoint`, the run state is saved after every epoch;
     `resume` continues from it.
     """
-    cfg = cfg.validate().for_data(len(train_x))
+    cfg = cfg.validate()
+    cfg = cfg.for_data(len(train_x), reduced_precision=cfg.autocast_dtype() is not None)
     assert cfg.epochs is not None
     started = time.perf_counter()
     steps = math.ceil(len(train_x) / cfg.batch_size)
