@@ -40,7 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mlcls.errors import OutputError
-from mlcls.output.parts import BAD_READ, meta_of_schema, part_bytes
+from mlcls.output.parts import BAD_READ, meta_of_schema, open_part, part_bytes, read_part
 from mlcls.output.table import (
     delta_options,
     delta_retrying,
@@ -54,7 +54,6 @@ from mlcls.storage import (
     StorageOptions,
     describe_os_error,
     full_uri,
-    is_local,
     remove,
     retrying,
     url_to_fs,
@@ -341,26 +340,21 @@ def _covers(current: pa.Schema, new: pa.Schema) -> bool:
 
 
 def _schema(fs, path: str) -> pa.Schema:
-    """The Arrow schema of a file to add (the run's own first part: its footer metadata names the run's model)."""
+    """The Arrow schema of a file to add (the run's own first part: its footer metadata names the run's model).
+
+    Storage errors stay `OSError`s, not `read_part`'s `OutputError`: inside
+    the commit they fail this attempt, and `commit_parts` tries again.
+    """
     def read() -> pa.Schema:
-        with fs.open(path, "rb") as f:
-            return pq.read_schema(f)
+        with open_part(fs, path) as source:
+            return pq.read_schema(source)
 
     return retrying(read, f"read {full_uri(fs, path)}", also=BAD_READ)
 
 
 def _read(fs, path: str, columns: list[str] | None) -> pa.Table:
     """Columns of one file in row order, read again after a transient error or a bad read."""
-    def read() -> pa.Table:
-        if is_local(fs):
-            return pq.read_table(path, columns=columns)
-        with fs.open(path, "rb") as f:
-            return pq.read_table(f, columns=columns)
-
-    try:
-        return retrying(read, f"read {full_uri(fs, path)}", also=BAD_READ)
-    except (OSError, pa.ArrowException) as err:
-        raise OutputError(f"cannot read {full_uri(fs, path)}: {describe_os_error(err)}") from err
+    return read_part(fs, path, lambda source: pq.read_table(source, columns=columns))
 
 
 def _hashes(uris: pa.ChunkedArray | pa.Array) -> np.ndarray:

@@ -17,9 +17,11 @@ from __future__ import annotations
 import io
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from typing import IO, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +34,7 @@ from mlcls.storage import (
     StorageOptions,
     describe_os_error,
     full_uri,
+    is_local,
     join,
     retrying,
     url_to_fs,
@@ -39,6 +42,7 @@ from mlcls.storage import (
 )
 
 SCHEMA_VERSION = 1
+T = TypeVar("T")
 BAD_READ = (pa.ArrowInvalid, pa.ArrowIOError)  # a part that fails to parse on one read is read again
 META_KEY = b"mlcls"
 INTERNAL_DIR = "_mlcls"
@@ -221,11 +225,29 @@ def meta_of_schema(schema: pa.Schema) -> dict:
 
 def read_footer_meta(fs, part: str) -> dict:
     """The `mlcls` metadata of a part's footer ({} if none); the footer is read again after a bad read."""
-    def read() -> pa.Schema:
-        with fs.open(part, "rb") as f:
-            return pq.read_schema(f)
+    return meta_of_schema(read_part(fs, part, pq.read_schema))
+
+
+@contextmanager
+def open_part(fs, path: str) -> Iterator[str | IO[bytes]]:
+    """A part for pyarrow: a plain path on local disk (pyarrow reads it itself), an fsspec file elsewhere."""
+    if is_local(fs):
+        yield path
+        return
+    with fs.open(path, "rb") as f:
+        yield f
+
+
+def read_part(fs, path: str, read: Callable[[str | IO[bytes]], T]) -> T:
+    """`read(source)` of one part file (`open_part`), done again after a transient error or a bad read.
+
+    Raises `OutputError` naming the file when the retries give up.
+    """
+    def attempt() -> T:
+        with open_part(fs, path) as source:
+            return read(source)
 
     try:
-        return meta_of_schema(retrying(read, f"read {full_uri(fs, part)}", also=BAD_READ))
+        return retrying(attempt, f"read {full_uri(fs, path)}", also=BAD_READ)
     except (OSError, pa.ArrowException) as err:
-        raise OutputError(f"cannot read {full_uri(fs, part)}: {describe_os_error(err)}") from err
+        raise OutputError(f"cannot read {full_uri(fs, path)}: {describe_os_error(err)}") from err

@@ -14,10 +14,9 @@ import difflib
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from queue import Full, Queue
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -26,16 +25,14 @@ import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
 from mlcls.errors import OptionError, OutputError
-from mlcls.output.parts import BAD_READ
+from mlcls.output.parts import BAD_READ, open_part, read_part
 from mlcls.output.table import legacy_parts, open_table, table_meta, table_paths
 from mlcls.storage import (
     StorageOptions,
     describe_os_error,
     full_uri,
-    is_local,
     probe,
     retry_stream,
-    retrying,
     stat,
     url_to_fs,
 )
@@ -186,7 +183,7 @@ class OutputTable:
                 raise OutputError(f"cannot read {full_uri(self.fs, path)}: {describe_os_error(err)}") from err
 
     def _part_batches(self, path: str, columns: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
-        with self.open_part(path) as f:
+        with open_part(self.fs, path) as f:
             pf = pq.ParquetFile(f)
             have = pf.schema_arrow
             present = [c for c in columns if _column_in(have, c)]
@@ -195,23 +192,7 @@ class OutputTable:
 
     def read_part(self, path: str, read: Any) -> Any:
         """`read(ParquetFile)` of one part (its footer, mostly), done again after a transient error or bad read."""
-        def attempt() -> Any:
-            with self.open_part(path) as f:
-                return read(pq.ParquetFile(f))
-
-        try:
-            return retrying(attempt, f"read {full_uri(self.fs, path)}", also=BAD_READ)
-        except (OSError, pa.ArrowException) as err:
-            raise OutputError(f"cannot read {full_uri(self.fs, path)}: {describe_os_error(err)}") from err
-
-    @contextmanager
-    def open_part(self, path: str) -> Iterator[str | IO[bytes]]:
-        """A part for pyarrow: a plain path on local disk, an fsspec file elsewhere."""
-        if is_local(self.fs):
-            yield path
-            return
-        with self.fs.open(path, "rb") as f:
-            yield f
+        return read_part(self.fs, path, lambda source: read(pq.ParquetFile(source)))
 
 
 def _prefetch(items: Iterator, depth: int = 2) -> Iterator:
