@@ -13,10 +13,11 @@ cosine anneal (`schedule.py`), batches of 64, as many epochs as show the
 model about 12,000 images (14,400 where bf16 makes steps cheap),
 augmentation that keeps every label true and no flips unless asked
 (`augment.py`). With pretrained weights whose head had to be replaced,
-the backbone is frozen for the first epoch (only the new head learns); from
-random init, or from weights whose head fits, nothing is frozen. bf16 autocast runs where the
-hardware computes bf16 natively (CUDA, CPUs with AMX or AVX-512 BF16), with
-channels-last tensors; `compile` wraps the model in `torch.compile`.
+the backbone is frozen for the first epoch (only the new head learns);
+from random init, or from weights whose head fits, nothing is frozen.
+bf16 autocast runs where the hardware computes bf16 natively (CUDA, CPUs
+with AMX or AVX-512 BF16), with channels-last tensors; `compile` wraps the
+model in `torch.compile`.
 
 Only the last epoch is validated (the anneal ends at the best weights;
 `schedule.validated_epochs`): batch-norm statistics are then recomputed
