@@ -27,7 +27,8 @@ COPY pyproject.toml README.md ./
 COPY mlcls ./mlcls
 COPY flows ./flows
 COPY deployments ./deployments
-RUN pip install . && useradd --create-home --uid 1000 mlcls
+# [gpu]: nvImageCodec with libnvjpeg for the GPU's JPEG engine (inert on a CPU-only host)
+RUN pip install ".[gpu]" && useradd --create-home --uid 1000 mlcls
 USER mlcls
 
 # One GPU worker (one per GPU): one slot run at a time, each tagging shard after shard in one warm

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The one script to run on a lent GPU machine (issue 11): every GPU variant and the plain baseline, one table.
 #
-#   1. here, with the registry:  bash bench/gpu_device.sh prepare     (downloads the nvImageCodec wheel to .whl/)
+#   1. here, with the registry:  bash bench/gpu_device.sh prepare     (downloads nvImageCodec and nvJPEG to .whl/)
 #   2. on the device, once:      bash bench/gpu_device.sh run         (carry .whl; results land in $OUT)
 #
 # The device machine has Python 3.12, torch 2.11 with CUDA 13, no registry and no Prefect/polars; at most
-# 64 MiB travels with a call, so only nvImageCodec's wheel (~25 MB) is carried. Each step has its own
+# 64 MiB travels with a call, so only nvImageCodec's wheel (~25 MB) and libnvjpeg's (~4 MB, CUDA 13.0 as torch's;
+# without it nvImageCodec registers no GPU JPEG decoder and decodes on the CPU) are carried. Each step has its own
 # timeout, so one slow step leaves the others' rows; the whole run is sized for about 8 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +17,7 @@ if [[ $mode == prepare ]]; then
     mkdir -p "$WHEEL_DIR"
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
         --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
-        -d "$WHEEL_DIR" "${NVIMGCODEC:-nvidia-nvimgcodec-cu13}"
+        -d "$WHEEL_DIR" "${NVIMGCODEC:-nvidia-nvimgcodec-cu13}" "${NVJPEG:-nvidia-nvjpeg==13.0.*}"
     ls -l "$WHEEL_DIR"
     exit 0
 fi

@@ -17,6 +17,7 @@ tensor resize is close to, not bit-identical with, PIL's (bench/RESULTS.md).
 
 from __future__ import annotations
 
+import io
 import logging
 import warnings
 from collections import defaultdict
@@ -24,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
@@ -36,13 +38,44 @@ log = logging.getLogger(__name__)
 
 
 def nvimgcodec_decoder(device: torch.device) -> Any | None:
-    """An nvImageCodec decoder on `device`, or None where the package is not installed."""
+    """An nvImageCodec decoder on `device`, or None where the package is not installed or cannot decode
+    JPEGs on the GPU (then torchvision's nvJPEG decoder stands in)."""
     try:
         from nvidia import nvimgcodec
     except ImportError:
         return None
+    if not decodes_jpeg_on_gpu(nvimgcodec, device):
+        log.warning("nvImageCodec is installed but decodes no JPEG on %s (is libnvjpeg installed? "
+                    "pip install 'mlcls[gpu]' brings nvidia-nvjpeg); using torchvision's nvJPEG decoder", device)
+        return None
     # fancy upsampling: the chroma interpolation libjpeg (and so PIL, the CPU path) uses by default
     return nvimgcodec.Decoder(device_id=device.index or 0, options=":fancy_upsampling=1")
+
+
+def decodes_jpeg_on_gpu(nvimgcodec: Any, device: torch.device) -> bool:
+    """Whether nvImageCodec decodes a small JPEG with one of its GPU backends.
+
+    Without libnvjpeg (a separate wheel) nvImageCodec registers no GPU JPEG
+    decoder, prints an error at import, and then decodes every JPEG with its
+    CPU backend, in the thread that feeds the GPU: correct pixels at a
+    fraction of the speed, and nothing a caller sees. A decoder limited to
+    the GPU backends returns None for the probe instead.
+    """
+    kinds = [nvimgcodec.BackendKind.HW_GPU_ONLY, nvimgcodec.BackendKind.GPU_ONLY,
+             nvimgcodec.BackendKind.HYBRID_CPU_GPU]
+    try:
+        probe = nvimgcodec.Decoder(device_id=device.index or 0, backends=[nvimgcodec.Backend(k) for k in kinds])
+        return probe.decode([probe_jpeg()])[0] is not None
+    except Exception as err:  # noqa: BLE001 - any failure means the same: no GPU JPEG decode here
+        log.debug("nvImageCodec GPU probe failed: %s", err)
+        return False
+
+
+def probe_jpeg(side: int = 64) -> bytes:
+    """A small baseline JPEG (4:2:0, what the GPU decoders take) made in memory."""
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), (200, 80, 40)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
 
 
 class GpuJpegDecoder:
@@ -54,7 +87,8 @@ class GpuJpegDecoder:
         self.interpolation = InterpolationMode(pre.interpolation)
         self._nv = nvimgcodec_decoder(device) if backend in ("auto", "nvimgcodec") else None
         if backend == "nvimgcodec" and self._nv is None:
-            raise ImportError("nvImageCodec is not installed: pip install 'mlcls[gpu]'")
+            raise ImportError("nvImageCodec is not installed, or cannot decode JPEGs on this GPU: "
+                              "pip install 'mlcls[gpu]'")
         self.backend = "nvimgcodec" if self._nv is not None else "torchvision"
         log.info("GPU JPEG decode on %s with %s", device, self.backend)
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from mlcls.images.decode import plain_jpeg_size, prepare
-from mlcls.images.gpu import GpuJpegDecoder
+from mlcls.images.gpu import GpuJpegDecoder, decodes_jpeg_on_gpu, probe_jpeg
 from mlcls.images.preprocess import Preprocess
 from mlcls.sources import FileRecord
 from mlcls.tag.loader import Loader
@@ -117,3 +117,19 @@ def test_nvimgcodec_path_on_cuda(tmp_path):
     files, records, batch, order, pixels = _run(tmp_path, torch.device("cuda"), backend="nvimgcodec")
     assert pixels.device.type == "cuda"
     _check(files, records, batch, order, pixels)
+
+
+def test_the_gpu_probe_image_is_a_jpeg_the_gpu_path_takes():
+    data = probe_jpeg()
+    assert plain_jpeg_size(data, 10**8) == (64, 64)  # baseline, 4:2:0, no EXIF: what the GPU decoders get
+    assert prepare(data, PRE, draft=False).error is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and _has_nvimgcodec()), reason="needs CUDA and nvImageCodec")
+def test_nvimgcodec_decodes_on_the_gpu_here():
+    from nvidia import nvimgcodec
+
+    # False where libnvjpeg is missing: nvImageCodec would then decode every JPEG on the CPU
+    assert decodes_jpeg_on_gpu(nvimgcodec, torch.device("cuda"))
+    assert GpuJpegDecoder(PRE, torch.device("cuda")).backend == "nvimgcodec"
