@@ -39,17 +39,26 @@ log = logging.getLogger(__name__)
 
 def nvimgcodec_decoder(device: torch.device) -> Any | None:
     """An nvImageCodec decoder on `device`, or None where the package is not installed or cannot decode
-    JPEGs on the GPU (then torchvision's nvJPEG decoder stands in)."""
+    JPEGs on the GPU (then torchvision's nvJPEG decoder stands in).
+
+    On a CPU device it is nvImageCodec's CPU backend: the same calls,
+    parameters and hand-over as on a GPU, which is how the tests run this
+    path on machines without one.
+    """
     try:
         from nvidia import nvimgcodec
     except ImportError:
         return None
+    options = ":fancy_upsampling=1"  # the chroma interpolation libjpeg (and so PIL, the CPU path) uses
+    if device.type != "cuda":
+        cpu_only = getattr(nvimgcodec, "NVIMGCODEC_DEVICE_CPU_ONLY", None)
+        return None if cpu_only is None else nvimgcodec.Decoder(
+            device_id=cpu_only, options=options, backends=[nvimgcodec.Backend(nvimgcodec.BackendKind.CPU_ONLY)])
     if not decodes_jpeg_on_gpu(nvimgcodec, device):
         log.warning("nvImageCodec is installed but decodes no JPEG on %s (is libnvjpeg installed? "
                     "pip install 'mlcls[gpu]' brings nvidia-nvjpeg); using torchvision's nvJPEG decoder", device)
         return None
-    # fancy upsampling: the chroma interpolation libjpeg (and so PIL, the CPU path) uses by default
-    return nvimgcodec.Decoder(device_id=device.index or 0, options=":fancy_upsampling=1")
+    return nvimgcodec.Decoder(device_id=device.index or 0, options=options)
 
 
 def decodes_jpeg_on_gpu(nvimgcodec: Any, device: torch.device) -> bool:
@@ -69,6 +78,11 @@ def decodes_jpeg_on_gpu(nvimgcodec: Any, device: torch.device) -> bool:
     except Exception as err:  # noqa: BLE001 - any failure means the same: no GPU JPEG decode here
         log.debug("nvImageCodec GPU probe failed: %s", err)
         return False
+
+
+def _rgb(nvimgcodec: Any) -> Any:
+    """Interleaved RGB output: `ColorSpec.SRGB` in nvImageCodec 0.9, `ColorSpec.RGB` in 0.6."""
+    return getattr(nvimgcodec.ColorSpec, "SRGB", None) or nvimgcodec.ColorSpec.RGB
 
 
 def probe_jpeg(side: int = 64) -> bytes:
@@ -100,16 +114,20 @@ class GpuJpegDecoder:
     def _decode_nvimgcodec(self, datas: list[bytes]) -> list[torch.Tensor | None]:
         from nvidia import nvimgcodec
 
-        params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.RGB)
-        stream = torch.cuda.current_stream(self.device)
+        params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=_rgb(nvimgcodec))
+        stream = torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
         try:
-            decoded = self._nv.decode(datas, params=params, cuda_stream=stream.cuda_stream)
+            decoded = self._nv.decode(datas, params=params, cuda_stream=stream)
         except Exception as err:  # noqa: BLE001 - a library error fails none of the images: all take the CPU path
             log.warning("nvImageCodec failed a batch of %d JPEGs (%s): decoding them on the CPU", len(datas), err)
             return [None] * len(datas)
         out: list[torch.Tensor | None] = []
+        host = nvimgcodec.ImageBufferKind.STRIDED_HOST
         for img in decoded:  # (H, W, 3) uint8 on the device, shared through DLPack, ordered on `stream`
-            t = None if img is None else torch.from_dlpack(img)
+            # the CPU backend's images (a CPU device) go through the array interface: their DLPack export
+            # asks the CUDA runtime, which a machine without a GPU does not have
+            t = None if img is None else torch.from_numpy(np.asarray(img)) if img.buffer_kind == host \
+                else torch.from_dlpack(img)
             out.append(t.permute(2, 0, 1) if t is not None and t.ndim == 3 and t.shape[2] == 3 else None)
         return out
 
@@ -153,7 +171,7 @@ class GpuJpegDecoder:
             if img is None:
                 d = decode_one(d.jpeg, cpu)
                 if d.pixels is not None:
-                    img = torch.from_numpy(np.ascontiguousarray(d.pixels)).to(self.device)
+                    img = torch.from_numpy(np.array(d.pixels, order="C")).to(self.device)  # own, writable copy
                     d.pixels = None
             d.jpeg = None
             out.append((d, img))

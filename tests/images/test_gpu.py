@@ -48,6 +48,14 @@ def test_eligibility(tmp_path):
     assert plain_jpeg_size(files["truncated.jpg"], 10**8) is None  # no end marker: PIL reports it
 
 
+def _has_nvimgcodec() -> bool:
+    try:
+        from nvidia import nvimgcodec  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _run(tmp_path, device: torch.device, processes: bool = False, backend: str = "auto"):
     files = _files(tmp_path)
     loader = Loader(PRE, decode_workers=2, gpu_decoder=GpuJpegDecoder(PRE, device, backend=backend),
@@ -73,7 +81,20 @@ def _check(files, records, batch, order, pixels):
 
 @pytest.mark.parametrize("processes", [False, True])
 def test_gpu_path_logic_with_the_cpu_decoder(tmp_path, processes):
-    _check(*_run(tmp_path, torch.device("cpu"), processes))
+    _check(*_run(tmp_path, torch.device("cpu"), processes, backend="torchvision"))
+
+
+@pytest.mark.skipif(not _has_nvimgcodec(), reason="nvImageCodec is not installed")
+def test_gpu_path_through_nvimgcodec_on_its_cpu_backend(tmp_path):
+    # the calls the GPU path makes (decode parameters, a batch of bytes, DLPack, None for a bad file),
+    # on nvImageCodec's CPU backend: the same library code where CI has no GPU
+    decoder = GpuJpegDecoder(PRE, torch.device("cpu"), backend="nvimgcodec")
+    assert decoder.backend == "nvimgcodec"
+    _check(*_run(tmp_path, torch.device("cpu"), backend="nvimgcodec"))
+    files = _files(tmp_path)
+    got = decoder.decode([files["ok0.jpg"], files["corrupt.jpg"][:100], files["ok2.jpg"]])
+    assert got[1] is None and got[0] is not None and got[2] is not None  # one bad file fails only itself
+    assert got[0].shape == (64, 64, 3) and got[0].dtype == torch.uint8
 
 
 @pytest.mark.gpu
@@ -96,19 +117,18 @@ def test_same_size_images_are_resized_as_one_batch_with_the_same_result():
         assert torch.equal(out, decoder.resize_crop(img))  # batched equals one by one
 
 
-def _has_nvimgcodec() -> bool:
-    try:
-        from nvidia import nvimgcodec  # noqa: F401
-    except ImportError:
-        return False
-    return True
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
+def test_without_a_gpu_decoder_auto_falls_back_and_asking_for_nvimgcodec_says_how_to_install(caplog):
+    # without a GPU, nvImageCodec (installed or not) decodes no JPEG on cuda:0: the probe says so
+    if _has_nvimgcodec():
+        from nvidia import nvimgcodec
 
-
-@pytest.mark.skipif(_has_nvimgcodec(), reason="nvImageCodec is installed here")
-def test_asking_for_nvimgcodec_without_it_says_how_to_install():
+        assert not decodes_jpeg_on_gpu(nvimgcodec, torch.device("cuda", 0))
     with pytest.raises(ImportError, match=r"mlcls\[gpu\]"):
-        GpuJpegDecoder(PRE, torch.device("cpu"), backend="nvimgcodec")
-    assert GpuJpegDecoder(PRE, torch.device("cpu")).backend == "torchvision"  # auto falls back
+        GpuJpegDecoder(PRE, torch.device("cuda", 0), backend="nvimgcodec")
+    assert GpuJpegDecoder(PRE, torch.device("cuda", 0)).backend == "torchvision"  # auto falls back
+    if _has_nvimgcodec():
+        assert "is libnvjpeg installed" in caplog.text
 
 
 @pytest.mark.gpu
