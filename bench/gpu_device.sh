@@ -35,6 +35,8 @@ if ls "$WHEEL_DIR"/*.whl >/dev/null 2>&1; then
 fi
 python3 -c "from nvidia import nvimgcodec; print('nvimgcodec', nvimgcodec.__version__)" >> "$OUT/machine.txt" 2>&1 \
     || log "no nvImageCodec: the GPU rows use torchvision's nvJPEG fallback"
+python3 -c "import torch; from nvidia import nvimgcodec; from mlcls.images.gpu import decodes_jpeg_on_gpu as g
+print('nvimgcodec decodes on the GPU:', g(nvimgcodec, torch.device('cuda')))" >> "$OUT/machine.txt" 2>&1
 
 cores=$(nproc)
 common=(--arch resnet50 --batch-size 256 --device cuda --workers "$((cores - 1))" --iters 20 --results "$RESULTS")
