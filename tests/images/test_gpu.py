@@ -15,7 +15,7 @@ from mlcls.images.gpu import GpuJpegDecoder, decodes_jpeg_on_gpu, probe_jpeg
 from mlcls.images.preprocess import Preprocess
 from mlcls.sources import FileRecord
 from mlcls.tag.loader import Loader
-from tests.helpers.images import exif_rotated_jpeg, jpeg_bytes, photo
+from tests.helpers.images import bad_input_catalogue, exif_rotated_jpeg, jpeg_bytes, photo
 
 PRE = Preprocess(size=64, resize_size=72)
 
@@ -153,3 +153,23 @@ def test_nvimgcodec_decodes_on_the_gpu_here():
     # False where libnvjpeg is missing: nvImageCodec would then decode every JPEG on the CPU
     assert decodes_jpeg_on_gpu(nvimgcodec, torch.device("cuda"))
     assert GpuJpegDecoder(PRE, torch.device("cuda")).backend == "nvimgcodec"
+
+
+def _errors(records: list[FileRecord], gpu: GpuJpegDecoder | None) -> dict[str, str | None]:
+    loader = Loader(PRE, decode_workers=2, gpu_decoder=gpu, max_pixels=10**7)
+    (batch,) = list(loader.batches(records, batch_size=len(records)))
+    if gpu is not None:
+        loader.device_pixels(batch, torch.device("cpu"))
+    return {r.uri.rsplit("/", 1)[1]: d.error for r, d in zip(batch.records, batch.decoded, strict=True)}
+
+
+@pytest.mark.parametrize("backend", ["nvimgcodec", "torchvision"])
+def test_the_gpu_path_gives_the_cpu_paths_error_rows_on_the_hostile_catalogue(tmp_path, backend):
+    if backend == "nvimgcodec" and not _has_nvimgcodec():
+        pytest.skip("nvImageCodec is not installed")
+    expected = bad_input_catalogue(tmp_path)
+    _files(tmp_path)  # and the corrupt and truncated JPEGs the GPU decoders see
+    records = [FileRecord(uri=str(p)) for p in sorted(tmp_path.iterdir())]
+    cpu = _errors(records, None)
+    assert {n: e.split(":")[0] if e else None for n, e in cpu.items() if n in expected} == expected
+    assert _errors(records, GpuJpegDecoder(PRE, torch.device("cpu"), backend=backend)) == cpu
