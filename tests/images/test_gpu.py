@@ -85,12 +85,14 @@ def test_gpu_path_logic_with_the_cpu_decoder(tmp_path, processes):
 
 
 @pytest.mark.skipif(not _has_nvimgcodec(), reason="nvImageCodec is not installed")
-def test_gpu_path_through_nvimgcodec_on_its_cpu_backend(tmp_path):
+@pytest.mark.parametrize("processes", [False, True])
+def test_gpu_path_through_nvimgcodec_on_its_cpu_backend(tmp_path, processes):
     # the calls the GPU path makes (decode parameters, a batch of bytes, DLPack, None for a bad file),
-    # on nvImageCodec's CPU backend: the same library code where CI has no GPU
+    # on nvImageCodec's CPU backend: the same library code where CI has no GPU; decode processes fork
+    # after the decoder exists, as on a GPU box
     decoder = GpuJpegDecoder(PRE, torch.device("cpu"), backend="nvimgcodec")
     assert decoder.backend == "nvimgcodec"
-    _check(*_run(tmp_path, torch.device("cpu"), backend="nvimgcodec"))
+    _check(*_run(tmp_path, torch.device("cpu"), processes, backend="nvimgcodec"))
     files = _files(tmp_path)
     got = decoder.decode([files["ok0.jpg"], files["corrupt.jpg"][:100], files["ok2.jpg"]])
     assert got[1] is None and got[0] is not None and got[2] is not None  # one bad file fails only itself
