@@ -85,6 +85,18 @@ def _rgb(nvimgcodec: Any) -> Any:
     return getattr(nvimgcodec.ColorSpec, "SRGB", None) or nvimgcodec.ColorSpec.RGB
 
 
+def _as_tensor(img: Any, nvimgcodec: Any) -> torch.Tensor:
+    """A decoded nvImageCodec image as a tensor without a copy.
+
+    Device images go through DLPack. The CPU backend's images (a CPU device)
+    go through the array interface: their DLPack export asks the CUDA
+    runtime, which a machine without a GPU does not have.
+    """
+    if img.buffer_kind == nvimgcodec.ImageBufferKind.STRIDED_HOST:
+        return torch.from_numpy(np.asarray(img))
+    return torch.from_dlpack(img)
+
+
 def probe_jpeg(side: int = 64) -> bytes:
     """A small baseline JPEG (4:2:0, what the GPU decoders take) made in memory."""
     buf = io.BytesIO()
@@ -122,12 +134,8 @@ class GpuJpegDecoder:
             log.warning("nvImageCodec failed a batch of %d JPEGs (%s): decoding them on the CPU", len(datas), err)
             return [None] * len(datas)
         out: list[torch.Tensor | None] = []
-        host = nvimgcodec.ImageBufferKind.STRIDED_HOST
         for img in decoded:  # (H, W, 3) uint8 on the device, shared through DLPack, ordered on `stream`
-            # the CPU backend's images (a CPU device) go through the array interface: their DLPack export
-            # asks the CUDA runtime, which a machine without a GPU does not have
-            t = None if img is None else torch.from_numpy(np.asarray(img)) if img.buffer_kind == host \
-                else torch.from_dlpack(img)
+            t = None if img is None else _as_tensor(img, nvimgcodec)
             out.append(t.permute(2, 0, 1) if t is not None and t.ndim == 3 and t.shape[2] == 3 else None)
         return out
 
