@@ -160,10 +160,14 @@ def plain_jpeg_size(data: bytes, max_pixels: int) -> tuple[int, int] | None:
 
 def prepare(data: bytes, pre: Preprocess, *, max_pixels: int = DEFAULT_MAX_PIXELS,
             draft: bool = True) -> Decoded:
-    """Bytes to a `Decoded`: pixels of shape (size, size, 3), or an error. Never raises for bad data."""
+    """Bytes to a `Decoded`: pixels of shape (size, size, 3), or an error. Never raises for bad data.
+
+    `draft` is the fast mode: JPEGs decoded at reduced size and only the crop's window resampled
+    (`resize_crop(fast=True)`); off, the pixels are torchvision's `Resize`/`CenterCrop` exactly.
+    """
     try:
         img, (width, height) = open_rgb(data, max_pixels=max_pixels, draft=pre.draft_request if draft else None)
-        pixels = np.asarray(resize_crop(img, pre))
+        pixels = np.asarray(resize_crop(img, pre, fast=draft))
         return Decoded(pixels=pixels, width=width, height=height)
     except ImageError as err:
         return Decoded(pixels=None, error=str(err))

@@ -12,7 +12,7 @@ from torchvision import transforms as T
 
 from mlcls.errors import BundleError
 from mlcls.images.decode import open_rgb, prepare, to_rgb
-from mlcls.images.preprocess import DRAFT_MARGIN, Preprocess
+from mlcls.images.preprocess import DRAFT_MARGIN, Preprocess, resize_crop
 from tests.helpers.images import animated_gif, bad_input_catalogue, exif_rotated_jpeg, jpeg_bytes, photo
 
 PRE = Preprocess(size=64, resize_size=72)
@@ -130,3 +130,16 @@ def test_normalisation_matches_to_tensor_and_normalize():
     norm = T.Normalize(pre.mean, pre.std)
     theirs = torch.stack([norm(T.functional.to_tensor(p.numpy())) for p in pixels])
     assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(230, 150), (150, 230), (513, 384), (300, 300)])
+def test_fast_resize_is_the_centre_crop_within_one_level(size):
+    """The fast mode resamples only the crop's window: the same image as resize-then-crop, to one level."""
+    pre = Preprocess(size=48, resize_size=56)
+    img = Image.fromarray(photo(np.random.default_rng(11), size[1], size[0]))
+    exact = np.asarray(resize_crop(img, pre)).astype(int)
+    fast = np.asarray(resize_crop(img, pre, fast=True)).astype(int)
+    assert fast.shape == exact.shape == (48, 48, 3)
+    assert np.abs(fast - exact).max() <= 1
+    assert (fast != exact).mean() < 0.05
+
