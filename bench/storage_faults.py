@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.machine import cpu_name  # noqa: E402
 from tests.helpers.faults import fault_proxy  # noqa: E402
 from tests.helpers.images import bad_input_catalogue, write_images  # noqa: E402
 from tests.helpers.net import free_port  # noqa: E402
@@ -105,7 +105,7 @@ def main() -> None:
                   f"{len(reference) / seconds:.1f} | {'yes' if same else 'NO'} |")
     finally:
         server.stop()
-    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+    print(f"\n{cpu_name()}, "
           f"{datetime.now(UTC).strftime('%Y-%m-%d')}")
 
 

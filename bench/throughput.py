@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -62,15 +61,10 @@ def loadavg() -> str:
 
 def machine() -> dict:
     import torch
+    from machine import cpu_name
 
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
             "threads": torch.get_num_threads()}
 
 
@@ -562,7 +556,7 @@ def report(a: argparse.Namespace, info: dict, rows: list[tuple[str, dict]], extr
         lines.append(f"\n{k}: {v:.2e}" if k.startswith("max |p") else f"\n{k}: {v:.2f}")
     cmd = "python bench/throughput.py " + " ".join(sys.argv[1:])
     header = (f"\n### {a.arch}, {a.images} images, batch {a.batch_size}, device {a.device} "
-              f"({datetime.now(UTC):%Y-%m-%d})\n\n`{cmd}`\n\nMachine: {info['cpu']}, {info['cores']} cores, "
+              f"({datetime.now(UTC):%Y-%m-%d})\n\n`{cmd}`\n\nMachine: {info['cpu']}, "
               f"GPU {info['gpu']}, torch {info['torch']} ({info['threads']} threads); load average at the end "
               f"{loadavg()} (1, 5, 15 min)\n\n")
     text = header + "\n".join(lines) + "\n"

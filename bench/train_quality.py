@@ -17,11 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 
 import torch
+from machine import cpu_name
 
 from mlcls.demo.synth import HARD, write_dataset
 from mlcls.images.preprocess import Preprocess
@@ -80,7 +80,7 @@ def run(tmp: str, args: argparse.Namespace) -> dict:
         "size": args.size, "epochs": args.epochs, "loss": args.loss, "weights": args.weights or "random init",
         "best_epoch": trained.result.best_epoch,
         "train_seconds": round(trained.result.seconds, 1), "generate_seconds": round(generated, 1),
-        "eval_seconds": m["seconds"], "threads": torch.get_num_threads(), "cpu": platform.processor() or "?",
+        "eval_seconds": m["seconds"], "threads": torch.get_num_threads(), "cpu": cpu_name(),
         "cores": os.cpu_count(), "fallback_classes": trained.bundle.metrics["thresholds"]["fallback_classes"],
         "val_mAP": trained.bundle.metrics["validation"]["mAP"], "test_metrics": m,
         "history": trained.result.history,

@@ -37,7 +37,6 @@ import gzip
 import importlib.util
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -48,6 +47,7 @@ from datetime import UTC, datetime
 import numpy as np
 import torch
 import torchvision
+from machine import cpu_name
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -224,7 +224,7 @@ def main() -> None:
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    results: dict = {"date": datetime.now(UTC).isoformat(timespec="minutes"), "cpu": platform.processor(),
+    results: dict = {"date": datetime.now(UTC).isoformat(timespec="minutes"), "cpu": cpu_name(),
                      "cores": os.cpu_count(), "threads": torch.get_num_threads(), "load_before": os.getloadavg(),
                      "argv": sys.argv[1:], "digits": args.digits,
                      "digit_side": args.digit_side, "grid": args.grid}
@@ -260,7 +260,7 @@ def main() -> None:
 
 
 def print_table(r: dict) -> None:
-    print(f"\n{r['date']}, {r['cpu'] or 'cpu'} {r['cores']} cores, {r['threads']} torch threads; load average "
+    print(f"\n{r['date']}, {r['cpu']}, {r['threads']} torch threads; load average "
           f"{r['load_before'][0]:.2f} before, {r['load_after'][0]:.2f} after; "
           f"test canvases with no label: {r['test_no_label_images']}\n")
     print("| run | test mAP | macro-F1 at 0.5 | macro-F1 calibrated | FPR no-label (cal.) | epochs | wall s |")
