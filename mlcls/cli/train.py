@@ -54,7 +54,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="class names and order (default: every label in the file, sorted)")
     p.add_argument("--name", default=None, help="bundle name (default: the --out folder's name)")
     p.add_argument("--epochs", type=int, default=None,
-                   help="passes over the data (default: about 12,000 images seen, 14,400 in bf16; 4 to 30)")
+                   help="passes over the data (default: about 14,400 images seen, 4 to 30)")
     p.add_argument("--freeze-epochs", type=int, default=None,
                    help="epochs training only a new head (default: 1 when pretrained weights get a new head, else 0)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -71,6 +71,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scale", type=float, default=0.85, metavar="MIN",
                    help="augmentation shrinks the whole image to between MIN and 1 of its side; it never crops "
                         "(default 0.85)")
+    p.add_argument("--low-res-epochs", type=float, default=None, metavar="SHARE",
+                   help="train the first SHARE of the epochs at a reduced side (--low-res), about 0.6 of a full "
+                        "epoch's cost each (default: 0.5 in fp32 with the default epochs, else 0)")
+    p.add_argument("--low-res", type=float, default=0.75, metavar="FRACTION",
+                   help="the reduced side as a fraction of --size, rounded to a multiple of 8 (default 0.75)")
     p.add_argument("--no-amp", action="store_true", help="plain fp32 (default: bf16 autocast on CUDA and on CPUs "
                                                         "with AMX or AVX-512 BF16)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on long runs)")
@@ -159,7 +164,8 @@ def _train_config(args: argparse.Namespace) -> Any:
                        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
                        device=args.device, augment=not args.no_augment, hflip=args.hflip, vflip=args.vflip,
                        scale=(args.scale, 1.0), loss=args.loss, pos_weight=args.pos_weight, amp=not args.no_amp,
-                       compile=args.compile).validate()
+                       compile=args.compile, low_res=args.low_res,
+                       low_res_share=args.low_res_epochs).validate()
 
 
 def _preprocess(args: argparse.Namespace) -> Any:

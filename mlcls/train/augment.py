@@ -34,8 +34,10 @@ class Augment:
             raise ValueError(f"scale must be within (0, 1], not {scale}")
         self.size, self.scale, self.hflip, self.vflip, self.jitter = size, scale, hflip, vflip, jitter
 
-    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, gen: torch.Generator, size: int | None = None) -> torch.Tensor:
+        """The augmented batch at `size` px (default: the model's size) showing the same view of each image."""
         n, side = x.shape[0], x.shape[-1]
+        out_size = size or self.size
         u = torch.rand(n, 7, generator=gen)
         s = self.scale[0] + (self.scale[1] - self.scale[0]) * u[:, 0]
         base = self.size / side  # the model's view as a share of the stored square (1 for squash)
@@ -45,7 +47,8 @@ class Augment:
         theta = torch.zeros(n, 2, 3)
         theta[:, 0, 0], theta[:, 0, 2] = base * fx / s, -base * shift_x / s
         theta[:, 1, 1], theta[:, 1, 2] = base * fy / s, -base * shift_y / s
-        grid = F.affine_grid(theta.to(x.device), [n, 3, self.size, self.size], align_corners=False)
+        grid = F.affine_grid(theta.to(x.device), [n, 3, out_size, out_size], align_corners=False)
+        x = shrink(x, round(side * out_size / self.size))  # antialiased first: grid_sample alone would alias
         out = F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="reflection", align_corners=False)
         return self._colour(out, u[:, 5], u[:, 6])
 
@@ -65,3 +68,10 @@ def centre(x: torch.Tensor, size: int) -> torch.Tensor:
     h, w = x.shape[2:]
     top, left = (h - size) // 2, (w - size) // 2
     return x[:, :, top:top + size, left:left + size]
+
+
+def shrink(x: torch.Tensor, side: int) -> torch.Tensor:
+    """An (N, 3, H, W) batch resized to `side` px square with antialiasing (unchanged if it is that size)."""
+    if x.shape[-1] == side and x.shape[-2] == side:
+        return x
+    return F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)

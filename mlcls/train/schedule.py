@@ -9,15 +9,20 @@ end (measured in bench/train_vs_loop.py; bench/RESULTS.md). One-cycle's
 long ramp spent a third of a short run below the useful rate.
 
 Epochs: a small data set needs more passes than a large one; `default_epochs`
-aims at a number of training images seen (10 passes over 1,200 images) and
+aims at a number of training images seen (12 passes over 1,200 images) and
 bounds the passes. Measured on real handwritten scans (bench/RESULTS.md,
 issue 14): 8, 9, 10 and 12 passes over 1,200 images gave test mAP 0.83,
-0.90, 0.95 and 0.96; at 10 passes an fp32 run costs what the hand-written
-loop's 8 passes over all 1,500 images do. Where the run uses bf16 autocast
-(CUDA, CPUs with AMX or AVX-512 BF16) a step costs about half, and the
-default spends some of that on 12 passes instead of 10: on the bench's
-large-digit scans (4 and 3 seeds) calibrated macro-F1 went from 0.975-0.985
-to 0.982-0.986 while the run stayed well under the loop's wall time.
+0.90, 0.95 and 0.96, and on the large-digit scans 12 passes instead of 10
+raised calibrated macro-F1 from 0.975-0.985 to 0.982-0.986 (bf16, 4 and 3
+seeds). Where the run uses bf16 autocast (CUDA, CPUs with AMX or AVX-512
+BF16) a step costs about half of fp32's and the 12 passes stay well under a
+hand-written loop's time. In fp32 they would cost 1.15x the loop, so fp32
+runs train the first half of the epochs at 3/4 of the side
+(`default_low_res_share`, progressive resizing): such an epoch costs about
+0.6 of a full one, and the 12 passes cost about what 10 full ones do. On the
+same machine and data that was 0.94-0.98x the time of 10 full passes, with
+calibrated macro-F1 +0.026 on the small-digit scans and equal (+0.0005) on
+the large-digit ones (AVX2 EPYC; bench/RESULTS.md, issue 14, seventh pass).
 Batches of 64 reach the mAP of batches of 32 (0.943 against 0.947) in half
 the steps, at about the same fp32 cost per image on a CPU (-2 %).
 
@@ -33,16 +38,19 @@ from __future__ import annotations
 
 import math
 
-TARGET_IMAGES = 12_000  # training images a default fp32 run sees (bench/RESULTS.md, issue 14)
-FAST_TARGET_IMAGES = 14_400  # the same with bf16/fp16 autocast, whose steps cost about half
+TARGET_IMAGES = 14_400  # training images a default run sees (bench/RESULTS.md, issue 14)
+LOW_RES_SHARE = 0.5  # share of a default fp32 run's epochs at reduced size; bf16 runs need no saving
 MIN_EPOCHS, MAX_EPOCHS = 4, 30
 
 
-def default_epochs(train_images: int, reduced_precision: bool = False) -> int:
-    """Passes over the data that show the model about `TARGET_IMAGES` images (`FAST_TARGET_IMAGES` under
-    autocast), within [MIN_EPOCHS, MAX_EPOCHS]."""
-    target = FAST_TARGET_IMAGES if reduced_precision else TARGET_IMAGES
-    return min(MAX_EPOCHS, max(MIN_EPOCHS, round(target / max(1, train_images))))
+def default_epochs(train_images: int) -> int:
+    """Passes over the data that show the model about `TARGET_IMAGES` images, within [MIN_EPOCHS, MAX_EPOCHS]."""
+    return min(MAX_EPOCHS, max(MIN_EPOCHS, round(TARGET_IMAGES / max(1, train_images))))
+
+
+def default_low_res_share(reduced_precision: bool) -> float:
+    """The share of the epochs trained at reduced size: half in fp32, whose full-size steps cost twice bf16's."""
+    return 0.0 if reduced_precision else LOW_RES_SHARE
 
 
 def lr_factor(step: int, total: int, warmup: float, anneal: float) -> float:

@@ -53,15 +53,16 @@ from mlcls.images.preprocess import Preprocess, resize_crop
 from mlcls.storage import StorageOptions
 from mlcls.tag.engine import Normaliser, resolve_device, resolve_precision
 from mlcls.train import metrics
-from mlcls.train.augment import Augment, centre
+from mlcls.train.augment import Augment, centre, shrink
 from mlcls.train.checkpoint import fingerprint, load_checkpoint, save_checkpoint
 from mlcls.train.image_cache import stored_preprocess
 from mlcls.train.labels import multi_hot
 from mlcls.train.losses import LOSSES, auto_pos_weight, make_loss
-from mlcls.train.schedule import MAX_EPOCHS, default_epochs, lr_factor, validated_epochs
+from mlcls.train.schedule import MAX_EPOCHS, default_epochs, default_low_res_share, lr_factor, validated_epochs
 from mlcls.train.weights import InitWeights, head_parameters, init_model
 
 logger = logging.getLogger(__name__)
+MIN_LOW_RES = 32  # below this a reduced-resolution epoch teaches little about the full-size images
 __all__ = ["Augment", "TrainConfig", "TrainResult", "Trainer", "eval_pixels", "fit", "multi_hot", "train_pixels",
            "write_bundle"]
 
@@ -107,6 +108,8 @@ class TrainConfig:
     amp: bool = True
     compile: bool = False
     precise_bn: int = 512
+    low_res: float = 0.75
+    low_res_share: float | None = None  # None: chosen with the epochs (`for_data`)
 
     def validate(self) -> TrainConfig:
         if (self.epochs is not None and self.epochs < 1) or self.batch_size < 1 or self.lr <= 0 \
@@ -123,6 +126,9 @@ class TrainConfig:
             raise OptionError(f"--jitter must be in [0, 1), not {self.jitter}")
         if self.loss not in LOSSES:
             raise OptionError(f"--loss {self.loss!r}: use one of {', '.join(LOSSES)}")
+        if not (0 < self.low_res <= 1 and (self.low_res_share is None or 0 <= self.low_res_share < 1)):
+            raise OptionError(f"--low-res must be in (0, 1] and --low-res-epochs in [0, 1), not {self.low_res} "
+                              f"and {self.low_res_share}")
         if self.precise_bn < 0:
             raise OptionError("precise_bn (images for batch-norm statistics) must be >= 0")
         if not self.augment and (self.hflip or self.vflip):
@@ -132,11 +138,14 @@ class TrainConfig:
         return self
 
     def for_data(self, train_images: int, reduced_precision: bool = False) -> TrainConfig:
-        """This config with `epochs` fixed: the given number, or the one that fits `train_images` (and the
-        precision the steps run in: cheaper bf16 steps buy a few more passes, `schedule.default_epochs`)."""
-        if self.epochs is not None:
-            return self
-        return replace(self, epochs=default_epochs(train_images, reduced_precision)).validate()
+        """This config with `epochs` and `low_res_share` fixed: the given ones, or those that fit
+        `train_images` and the precision the steps run in (`schedule.default_epochs`, `default_low_res_share`).
+        Given epochs with no share given train at full size throughout: a pinned schedule stays plain."""
+        share = self.low_res_share
+        if share is None:
+            share = default_low_res_share(reduced_precision) if self.epochs is None else 0.0
+        epochs = self.epochs or default_epochs(train_images)
+        return replace(self, epochs=epochs, low_res_share=share).validate()
 
     def autocast_dtype(self) -> torch.dtype | None:
         """The autocast dtype this config trains in on its device (None: plain fp32)."""
@@ -234,9 +243,15 @@ class Trainer:
             progress.emit(progress.Event("step", count=len(idx), values={"loss": loss}))
         return total / len(xs)
 
+    def input_size(self) -> int:
+        """The side the model trains at this epoch: reduced in the first `low_res_share` of the epochs."""
+        if self.epoch < round((self.cfg.low_res_share or 0.0) * self.epochs):
+            return min(self.size, max(MIN_LOW_RES, 8 * round(self.size * self.cfg.low_res / 8)))
+        return self.size
+
     def step(self, pixels: torch.Tensor, targets: torch.Tensor) -> float:
-        x = self.normalise(pixels)
-        x = self.augment(x, self.gen) if self.cfg.augment else centre(x, self.size)
+        x, size = self.normalise(pixels), self.input_size()
+        x = self.augment(x, self.gen, size) if self.cfg.augment else shrink(centre(x, self.size), size)
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
             out = self.forward(x.contiguous(memory_format=torch.channels_last))
         logits = getattr(out, "logits", out)  # inception/googlenet return (logits, aux) in training

@@ -32,16 +32,25 @@ def test_lr_warms_up_stays_flat_then_anneals_to_zero():
 
 
 def test_epochs_fit_the_data_size_and_validation_only_where_the_best_epoch_is_chosen():
-    assert default_epochs(1200) == 10  # about 12,000 images seen
-    assert default_epochs(1200, reduced_precision=True) == 12  # bf16 steps cost about half: a few more passes
+    assert default_epochs(1200) == 12  # about 14,400 images seen
     assert default_epochs(100_000) == 4 and default_epochs(40) == 30
     assert validated_epochs(10, 0.3) == [10] and validated_epochs(1, 0.3) == [1]
     assert validated_epochs(5, 0.0) == [5] and validated_epochs(10, 0.1) == [10]
-    assert TrainConfig(batch_size=32).for_data(1200).epochs == TrainConfig().for_data(1200).epochs == 10
-    assert TrainConfig().for_data(1200, reduced_precision=True).epochs == 12
+    assert TrainConfig(batch_size=32).for_data(1200).epochs == TrainConfig().for_data(1200).epochs == 12
     assert TrainConfig(epochs=3).for_data(1200, reduced_precision=True).epochs == 3
     assert TrainConfig(amp=False).autocast_dtype() is None
     assert TrainConfig(epochs=3).for_data(1200).epochs == 3
+
+
+def test_fp32_runs_train_their_first_half_at_reduced_size_unless_told_otherwise():
+    # fp32 steps cost twice bf16's: the default spends the first half of the epochs at 3/4 side
+    assert TrainConfig().for_data(1200).low_res_share == 0.5
+    assert TrainConfig().for_data(1200, reduced_precision=True).low_res_share == 0.0
+    assert TrainConfig(epochs=12).for_data(1200).low_res_share == 0.0  # pinned epochs: a plain schedule
+    assert TrainConfig(epochs=12, low_res_share=0.25).for_data(1200).low_res_share == 0.25
+    assert TrainConfig(low_res_share=0.0).for_data(1200).low_res_share == 0.0
+    resolved = TrainConfig().for_data(1200)
+    assert resolved.for_data(50) == resolved  # resolved once: a resumed run keeps its schedule
 
 
 def test_input_size_comes_from_the_images_and_whole_images_are_kept(tmp_path):

@@ -216,3 +216,30 @@ def test_architectures_that_cannot_be_built_on_the_meta_device_still_train_and_l
     x = torch.rand(2, 3, 48, 48)
     with torch.inference_mode():
         assert torch.allclose(load_bundle(str(tmp_path / "r")).build_model()(x), model.eval()(x))
+
+
+@pytest.mark.parametrize("augment", [True, False])
+def test_reduced_resolution_epochs_come_first_and_the_last_run_at_full_size(arrays, augment):
+    train_x, train_y, _, _ = arrays
+    cfg = replace(CFG, epochs=4, low_res=0.9, low_res_share=0.5, augment=augment)
+    trainer = Trainer(cfg, PRE, train_y.shape[1], 3)
+    seen: list[tuple[int, int]] = []
+    trainer.model.register_forward_pre_hook(lambda _m, args: seen.append((trainer.epoch, args[0].shape[-1])))
+    xs, ys = torch.from_numpy(train_x), torch.from_numpy(train_y)
+    for _ in range(4):
+        trainer.train_epoch(xs, ys)
+        trainer.epoch += 1
+    sizes = {epoch: {side for e, side in seen if e == epoch} for epoch in range(4)}
+    assert sizes == {0: {40}, 1: {40}, 2: {48}, 3: {48}}  # 0.9 x 48 = 43.2, to a multiple of 8
+    assert Trainer(replace(cfg, low_res=0.1), PRE, train_y.shape[1], 3).input_size() == 32  # never below 32
+    assert Trainer(replace(CFG, epochs=4), PRE, train_y.shape[1], 3).input_size() == 48  # off unless asked
+    with pytest.raises(OptionError, match="--low-res-epochs"):
+        replace(CFG, low_res_share=1.0).validate()
+
+
+def test_augment_at_a_reduced_size_shows_the_same_view():
+    x = F.interpolate(torch.rand(4, 3, 4, 4), size=(32, 32), mode="bilinear")  # smooth: no detail to lose
+    full = Augment(32, scale=(1.0, 1.0), jitter=0.0)(x, torch.Generator().manual_seed(0))
+    small = Augment(32, scale=(1.0, 1.0), jitter=0.0)(x, torch.Generator().manual_seed(0), 16)
+    assert small.shape == (4, 3, 16, 16)
+    assert torch.allclose(small, F.avg_pool2d(full, 2), atol=0.05)  # the same image, at half the resolution
