@@ -10,9 +10,10 @@ exactly what was measured.
 The defaults are measured against the loop a user writes by hand (issue 14,
 bench/train_vs_loop.py): AdamW at 1e-3 with a warm-up, a flat stretch and a
 cosine anneal (`schedule.py`), batches of 64, as many epochs as show the
-model about 12,000 images (14,400 where bf16 makes steps cheap),
-augmentation that keeps every label true and no flips unless asked
-(`augment.py`). With pretrained weights whose head had to be replaced,
+model about 14,400 images, in fp32 the first half of them at 3/4 of the
+side (progressive resizing: fp32 steps cost twice bf16's, and the reduced
+epochs buy back the time), augmentation that keeps every label true and no
+flips unless asked (`augment.py`). With pretrained weights whose head had to be replaced,
 the backbone is frozen for the first epoch (only the new head learns);
 from random init, or from weights whose head fits, nothing is frozen.
 bf16 autocast runs where the hardware computes bf16 natively (CUDA, CPUs
