@@ -127,9 +127,10 @@ class TrainConfig:
             raise OptionError(f"--jitter must be in [0, 1), not {self.jitter}")
         if self.loss not in LOSSES:
             raise OptionError(f"--loss {self.loss!r}: use one of {', '.join(LOSSES)}")
-        if not (0 < self.low_res <= 1 and (self.low_res_share is None or 0 <= self.low_res_share < 1)):
-            raise OptionError(f"--low-res must be in (0, 1] and --low-res-epochs in [0, 1), not {self.low_res} "
-                              f"and {self.low_res_share}")
+        if not 0 < self.low_res <= 1:
+            raise OptionError(f"--low-res is a share of the side, in (0, 1], not {self.low_res}")
+        if self.low_res_share is not None and not 0 <= self.low_res_share < 1:
+            raise OptionError(f"--low-res-epochs is a share of the epochs, in [0, 1), not {self.low_res_share}")
         if self.precise_bn < 0:
             raise OptionError("precise_bn (images for batch-norm statistics) must be >= 0")
         if not self.augment and (self.hflip or self.vflip):
