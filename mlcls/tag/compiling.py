@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 
+from mlcls.errors import OptionError
+
 log = logging.getLogger(__name__)
+_WARNED: set[str] = set()
 
 COMPILE_MODES = ("auto", "on", "off")
 
@@ -76,21 +80,53 @@ def cache_is_warm() -> bool:
         return False
 
 
+def missing_compiler(device_type: str) -> str | None:
+    """What `torch.compile` would lack here, or None.
+
+    Inductor builds its CPU kernels with the system's C++ compiler (`$CXX`,
+    else g++) and Triton its CUDA launcher with the C compiler (`$CC`, else
+    gcc); a slim container has neither, and the compile would then fail at
+    the first batch (`InvalidCxxCompiler`), taking the shard with it.
+    """
+    env, names, what = (("CXX", ("g++", "c++", "clang++"), "C++") if device_type == "cpu"
+                        else ("CC", ("gcc", "cc", "clang"), "C"))
+    chosen = os.environ.get(env)
+    if any(shutil.which(name) for name in ([chosen] if chosen else names)):
+        return None
+    return f"no {what} compiler ({chosen or names[0]}) on PATH, which torch.compile needs on {device_type}"
+
+
+def check_compiler(device_type: str, option: str = "--compile on", instead: str = "use --compile off") -> None:
+    """Fail fast, in one line, where the option that asks for a compile could not compile."""
+    missing = missing_compiler(device_type)
+    if missing:
+        raise OptionError(f"{option}: {missing}; install one (e.g. apt-get install g++) or {instead}")
+
+
 def should_compile(mode: str, device_type: str, images: int, model_rate: float | None = None,
                    warm: bool | None = None) -> bool:
     """Whether to compile for `images` planned images in this process.
 
     `auto` compiles when the time it saves, images / rate × saving, beats
-    the compile (cold, or warm where the cache holds earlier graphs). The
-    rate is the eager model's images/s if known; else a conservative figure
-    per device (a CPU's 50/s, a GPU's 5,000/s).
+    the compile (cold, or warm where the cache holds earlier graphs), and
+    only where the compiler it needs is present (`missing_compiler`): a run
+    that could only fail runs eager. The rate is the eager model's images/s
+    if known; else a conservative figure per device (a CPU's 50/s, a GPU's
+    5,000/s).
     """
     mode = parse_compile(mode)
-    if mode != "auto":
-        return mode == "on"
-    if device_type not in COSTS or images <= 0:
+    if mode == "on":
+        check_compiler(device_type)
+        return True
+    if mode == "off" or device_type not in COSTS or images <= 0:
         return False
-    return images >= break_even_images(device_type, model_rate, warm)
+    if images < break_even_images(device_type, model_rate, warm):
+        return False
+    missing = missing_compiler(device_type)
+    if missing and device_type not in _WARNED:
+        _WARNED.add(device_type)
+        log.warning("--compile auto: %s; running eager (install it to compile long runs)", missing)
+    return missing is None
 
 
 def break_even_images(device_type: str, model_rate: float | None = None, warm: bool | None = None) -> int:

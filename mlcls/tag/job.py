@@ -31,7 +31,7 @@ from mlcls.output.commit import CommitResult, adopt, commit_parts, ensure_table
 from mlcls.output.parts import ProbsMode, build_table, file_metadata, part_name, schema, write_part
 from mlcls.output.table import check_output
 from mlcls.storage import StorageOptions, join, list_dir, read_file, url_to_fs, write_atomic
-from mlcls.tag.compiling import parse_compile, should_compile
+from mlcls.tag.compiling import check_compiler, parse_compile, should_compile
 from mlcls.tag.engine import PRECISIONS, Engine, Pending, get_engine, has_engine, resolve_device
 from mlcls.tag.loader import POOLS, Loader, default_decode_workers, default_pool
 from mlcls.tag.plan import RunPlan, Shard, iter_shards, read_shard, remove_manifests, run_dir
@@ -233,6 +233,8 @@ def open_run(out: str, model: str | None, options: TagOptions,
     output starts as an empty table.
     """
     options.validate()
+    if options.compile == "on":
+        check_compiler(resolve_device(options.device).type)
     bundle = get_bundle(model, storage_options)
     mode = ProbsMode.parse(options.probs)
     check_output(out, bundle.classes, mode, storage_options)

@@ -21,6 +21,8 @@ from mlcls.bundle import Bundle, build_model, check_arch, check_classes, check_f
 from mlcls.errors import BundleError, LabelsError, OptionError
 from mlcls.images.preprocess import Preprocess
 from mlcls.storage import StorageOptions, check_folder, join, remove, stat, url_to_fs
+from mlcls.tag.compiling import check_compiler
+from mlcls.tag.engine import resolve_device
 from mlcls.train.image_cache import check_memory, load_pixels, stored_preprocess
 from mlcls.train.input_size import InputChoice, resolve_preprocess
 from mlcls.train.labels import LabelsSpec, LabelTable, multi_hot, read_labels, split
@@ -100,6 +102,8 @@ def plan_training(spec: LabelsSpec, out: str, *, cfg: TrainConfig, pre: Preproce
     """Every check that needs no image: options, labels, split, classes, weights, input size, memory, output."""
     cfg.validate()
     check_arch(cfg.arch)
+    if cfg.compile:
+        check_compiler(resolve_device(cfg.device).type, "--compile", "drop --compile")
     table = read_labels(spec, storage_options)
     names = _classes(table.classes, classes, spec.path)
     train_idx, val_idx = split(table, names, val_fraction=spec.val_fraction, seed=spec.seed)

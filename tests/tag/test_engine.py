@@ -12,7 +12,7 @@ from mlcls.bundle import load_bundle
 from mlcls.errors import OptionError
 from mlcls.tag import compiling
 from mlcls.tag.engine import Engine, cpu_has_fast_bf16, resolve_precision
-from mlcls.tag.job import TagOptions, engine_for
+from mlcls.tag.job import TagOptions, engine_for, open_run
 
 XEON_AMX = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\nflags\t\t: fpu avx512f avx512_vnni " \
            "avx512_bf16 amx_bf16 amx_tile amx_int8\n"
@@ -97,6 +97,29 @@ def test_compile_option_and_auto_policy(tiny_bundle):
     assert compiling.break_even_images("cpu", model_rate=500, warm=False) > cpu_even  # fewer seconds to gain
     engine = engine_for(load_bundle(tiny_bundle), TagOptions(device="cpu").validate(), images=100)
     assert engine.pad_to is None and not hasattr(engine.model, "_orig_mod")  # a short shard: eager
+
+
+def test_compile_without_a_compiler_runs_eager_under_auto_and_fails_fast_when_asked(tiny_bundle, tmp_path,
+                                                                                   monkeypatch, caplog):
+    # a slim container: no g++/gcc on PATH, so Inductor would fail at the first batch (InvalidCxxCompiler)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(compiling, "_WARNED", set())
+    assert "g++" in compiling.missing_compiler("cpu") and "gcc" in compiling.missing_compiler("cuda")
+    with caplog.at_level("WARNING", logger="mlcls.tag.compiling"):
+        assert not compiling.should_compile("auto", "cpu", 10**9, warm=False)
+    assert "running eager" in caplog.text
+    with pytest.raises(OptionError, match="--compile on: no C\\+\\+ compiler"):
+        compiling.should_compile("on", "cpu", 1)
+    with pytest.raises(OptionError, match="--compile off"):
+        open_run(str(tmp_path / "out"), tiny_bundle, TagOptions(device="cpu", compile="on"))
+    assert not (tmp_path / "out").exists()  # failed before writing anything
+    engine = engine_for(load_bundle(tiny_bundle), TagOptions(device="cpu").validate(), images=10**9)
+    assert not hasattr(engine.model, "_orig_mod")  # eager: the run goes on
+    (tmp_path / "g++").write_text("#!/bin/sh\n")
+    (tmp_path / "g++").chmod(0o755)
+    assert compiling.missing_compiler("cpu") is None and compiling.should_compile("on", "cpu", 1)
 
 
 def test_compile_cache_lives_under_the_users_cache(monkeypatch, tmp_path):
