@@ -15,15 +15,11 @@ ISA_FLAGS = (("amx_bf16", "AMX bf16"), ("avx512_bf16", "AVX-512 BF16"), ("avx512
 
 def cpu_name(cpuinfo: str | None = None) -> str:
     """`model name` from /proc/cpuinfo with its widest vector units, e.g. 'AMD EPYC (AVX2; 2 cores)'."""
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpuinfo = f.read()
-        except OSError:
-            cpuinfo = ""
-    lines = cpuinfo.splitlines()
-    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
-    flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith(("flags", "Features"))), [])
+    from mlcls.tag.engine import cpu_flags, read_cpuinfo
+
+    cpuinfo = read_cpuinfo() if cpuinfo is None else cpuinfo
+    model = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")), "")
+    flags = cpu_flags(cpuinfo)
     isa = [name for flag, name in ISA_FLAGS if flag in flags]
     return f"{model or platform.processor() or platform.machine()} ({', '.join(isa) or 'no AVX2'}; " \
            f"{os.cpu_count()} cores)"

@@ -57,14 +57,22 @@ def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
     with and without these units, and on those without, bf16 is emulated
     and much slower than fp32 (bench/RESULTS.md).
     """
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
-                  if line.startswith(("flags", "Features")) and ":" in line), [])
+    flags = cpu_flags(read_cpuinfo() if cpuinfo is None else cpuinfo)
     return any(flag in flags for flag in BF16_CPU_FLAGS)
+
+
+def read_cpuinfo() -> str:
+    """/proc/cpuinfo's text, or "" where there is none (macOS, some containers)."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def cpu_flags(cpuinfo: str) -> list[str]:
+    """The first CPU's feature flags in /proc/cpuinfo's text (`flags` on x86, `Features` on Arm)."""
+    return next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
+                 if line.startswith(("flags", "Features")) and ":" in line), [])
 
 
 def resolve_precision(precision: str, device: torch.device, cpuinfo: str | None = None) -> torch.dtype | None:
