@@ -43,6 +43,8 @@ VARIANTS = {  # name: TagOptions overrides ("_env": environment for the child in
     # the default with torch's threads pinned to the cores (OMP_NUM_THREADS): no thread-split probe, as before it
     "auto-all-threads": {"_env": {"OMP_NUM_THREADS": str(os.cpu_count() or 1)}},
     "auto-dataloader": {"decode_pool": "dataloader"},
+    # the default with glibc's allocator as it comes (`mlcls.allocator` off): what mlcls ran before it
+    "auto-system-malloc": {"_env": {"MLCLS_MALLOC": "system"}},
     "draft-threads": {"draft": True, "precision": "fp32", "decode_pool": "threads"},
 }
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mlcls.allocator import keep_freed_memory
 from mlcls.bundle import Bundle
 from mlcls.errors import OptionError
 from mlcls.images.preprocess import Preprocess
@@ -142,6 +143,7 @@ class Engine:
 
     def __init__(self, bundle: Bundle, device: torch.device, *, precision: str = "auto",
                  channels_last: bool = True, compile: bool = False, batch_size: int | None = None) -> None:
+        keep_freed_memory()  # each batch reuses the last one's pages (`mlcls.allocator`)
         self.bundle = bundle
         self.device = device
         self.compiled = compile

@@ -40,6 +40,7 @@ from itertools import islice
 import numpy as np
 import torch
 
+from mlcls.allocator import keep_freed_memory
 from mlcls.images.decode import Decoded
 from mlcls.images.gpu import GpuJpegDecoder
 from mlcls.images.load import LoadConfig, decode_one, load_chunk, new_ring, read_error
@@ -96,6 +97,7 @@ class Loader:
                  max_pixels: int | None = None, draft: bool = True, storage_options: StorageOptions = None,
                  pin_memory: bool = False, gpu_decoder: GpuJpegDecoder | None = None, gpu_share: float = 1.0,
                  processes: bool | None = None, ring_images: int = 1024, dataloader: bool = False) -> None:
+        keep_freed_memory()  # before the workers fork: decoded images reuse freed pages (`mlcls.allocator`)
         self.preprocess = preprocess
         self.config = LoadConfig(preprocess=preprocess, draft=draft,
                                  gpu_share=gpu_share if gpu_decoder is not None else 0.0,

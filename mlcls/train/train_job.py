@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mlcls.allocator import keep_freed_memory
 from mlcls.bundle import Bundle, build_model, check_arch, check_classes, check_forward
 from mlcls.errors import BundleError, LabelsError, OptionError
 from mlcls.images.preprocess import Preprocess
@@ -77,6 +78,7 @@ def train_from_labels(spec: LabelsSpec, out: str, *, cfg: TrainConfig, pre: Prep
     images unless given). `extra` goes into the bundle's training record
     (over the defaults: labels, weights, image counts).
     """
+    keep_freed_memory()  # each step reuses the last one's pages (`mlcls.allocator`)
     plan = plan_training(spec, out, cfg=cfg, pre=pre, classes=classes, weights=weights, resume=resume,
                          checkpoint=checkpoint, storage_options=storage_options)
     pre = plan.pre

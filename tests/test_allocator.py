@@ -1,0 +1,74 @@
+"""The allocator setting: freed blocks are reused, and a user's own choice is left alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from mlcls import allocator
+
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+# Run a convolution whose 42 MB output is above glibc's largest automatic mmap threshold a few times, as a
+# model's layers do every batch; count the page faults of the last three runs, which kept blocks do not take
+# (the first runs grow the heap until freed blocks fit the next request).
+PROBE = """
+import json, resource, sys
+import torch
+from mlcls import allocator
+kept = allocator.keep_freed_memory() if sys.argv[1] == "keep" else False
+if sys.argv[1] == "engine":  # building a tagging engine keeps freed blocks on its own
+    from mlcls.bundle import demo_bundle_url, load_bundle
+    from mlcls.tag.engine import Engine
+    Engine(load_bundle(demo_bundle_url()), torch.device("cpu"))
+conv, x = torch.nn.Conv2d(3, 64, 3, padding=1), torch.randn(10, 3, 128, 128)
+faults = []
+with torch.no_grad():
+    for _ in range(6):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        y = conv(x)
+        del y
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"kept": kept, "faults": faults, "repeat_faults": sum(faults[3:])}))
+"""
+
+
+def _probe(mode: str, **env: str) -> dict:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "MLCLS_MALLOC"}
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True,
+                         env={**clean, **env})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not GLIBC, reason="the setting is glibc's")
+def test_a_kept_block_is_reused_without_new_page_faults() -> None:
+    kept, system, engine = _probe("keep"), _probe("system"), _probe("engine")
+    assert kept["kept"] is True and system["kept"] is False
+    assert system["repeat_faults"] > 0  # glibc maps and unmaps the block every time
+    assert kept["repeat_faults"] < max(4, system["repeat_faults"] // 10)
+    assert engine["repeat_faults"] < max(4, system["repeat_faults"] // 10)
+
+
+@pytest.mark.skipif(not GLIBC, reason="the setting is glibc's")
+def test_the_users_own_allocator_settings_win() -> None:
+    assert _probe("keep", MLCLS_MALLOC="system")["kept"] is False
+    user = _probe("keep", MALLOC_MMAP_THRESHOLD_="131072")
+    assert user["kept"] is False and user["repeat_faults"] > 0  # their threshold stands: the block is mapped anew
+
+
+def test_why_not_keep_names_what_the_user_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("MLCLS_MALLOC", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD"):
+        monkeypatch.delenv(name, raising=False)
+    if GLIBC:
+        assert allocator.why_not_keep() is None
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")
+    if GLIBC:
+        assert allocator.why_not_keep() == "set by the user (MALLOC_TRIM_THRESHOLD_, LD_PRELOAD)"
+    monkeypatch.setenv("MLCLS_MALLOC", "System")
+    assert allocator.why_not_keep() == "MLCLS_MALLOC=system"
