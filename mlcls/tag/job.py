@@ -303,7 +303,7 @@ def _infer(records: list, loader: Loader, engine: Engine, batch_size: int, probs
         for index, batch in enumerate(loader.batches(records, batch_size)):
             start = len(decoded)
             order, pixels = loader.device_pixels(batch, engine.device)
-            with balance.batch(index, len(order)):
+            with balance.batch(index, len(order), batch.ahead):
                 in_flight.append(([start + i for i in order], engine.submit(pixels)))
             if len(in_flight) > 1:
                 _collect(probs, *in_flight.pop(0))
@@ -323,7 +323,7 @@ def thread_balance(engine: Engine, loader: Loader, batches: int) -> ThreadBalanc
             or user_pinned_threads():
         return ThreadBalance.off()
     return ThreadBalance(engine.threads_chosen, engine.base_threads, loader.decode_workers, loader.decode_clock,
-                         batches)
+                         batches, pause=loader.decode_paused)
 
 
 _PLANNED = [0]  # images the last plan in this process counted: the work `--compile auto` weighs

@@ -34,6 +34,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from itertools import islice
 
@@ -88,6 +89,7 @@ class ImageBatch:
     ok: list[int]
     pixels: torch.Tensor
     gpu: list[int] = field(default_factory=list)
+    ahead: int = 0  # images already read and decoded beyond this batch when it was handed out (threads mode)
 
 
 class Loader:
@@ -109,6 +111,8 @@ class Loader:
         self.decode_workers = decode_workers
         self.dataloader = dataloader
         self._decode_slots = threading.Semaphore(decode_workers)
+        self._resumed = threading.Condition()  # decoding waits while `_pauses` > 0 (`decode_paused`)
+        self._pauses = 0
         self.decode_clock = StageClock()  # decode time per image in threads mode (`threads.ThreadBalance`)
         self._pool: Executor
         if self.processes:
@@ -125,19 +129,39 @@ class Loader:
             data = read_one(record.uri, self.config.storage_options, record.size)
         except Exception as err:  # noqa: BLE001 - any filesystem error is this file's error
             return read_error(err)
+        with self._resumed:
+            self._resumed.wait_for(lambda: self._pauses == 0)
         with self._decode_slots:
             started = time.perf_counter()
             decoded = decode_one(data, self.config, record.uri)
             self.decode_clock.add(time.perf_counter() - started)
             return decoded
 
-    def decoded(self, records: Iterable[FileRecord], window: int,
-                held: int = 0) -> Iterator[tuple[FileRecord, Decoded]]:
+    @contextmanager
+    def decode_paused(self) -> Iterator[None]:
+        """Start no new decode (threads mode) until the block ends: the model gets the cores meanwhile.
+
+        Reads go on; a decode under way finishes. `threads.ThreadBalance`
+        uses it when decoding is a batch ahead of the model.
+        """
+        with self._resumed:
+            self._pauses += 1
+        try:
+            yield
+        finally:
+            with self._resumed:
+                self._pauses -= 1
+                self._resumed.notify_all()
+
+    def decoded(self, records: Iterable[FileRecord], window: int, held: int = 0,
+                pending: deque | None = None) -> Iterator[tuple[FileRecord, Decoded]]:
         """Yield (record, decoded) in input order, keeping about `window` files in flight.
 
         In process mode a decoded image's pixels are a view of a ring slot,
         valid until `window + held` more images have been yielded: the caller
         holds at most `held` of them before copying (as `batches` does).
+        In threads mode `pending`, when given, holds the (record, future)
+        pairs in flight beyond the image just yielded (see `batches`).
         """
         if self.processes:
             window = max(1, min(window, len(self._ring) - held))
@@ -153,7 +177,7 @@ class Loader:
                 yield from zip(batch, decoded, strict=True)
         else:
             tasks = ((r, self._pool.submit(self.load, r)) for r in records)
-            yield from _in_order(tasks, window)
+            yield from _in_order(tasks, window, pending)
 
     def batches(self, records: Iterable[FileRecord], batch_size: int, prefetch: int = 3) -> Iterator[ImageBatch]:
         """Batches of `batch_size` records; decoding runs `prefetch` batches ahead."""
@@ -161,10 +185,13 @@ class Loader:
             yield from self._dataloader_batches(list(records), batch_size, prefetch)
             return
         chunk: list[tuple[FileRecord, Decoded]] = []
-        for item in self.decoded(records, window=batch_size * prefetch, held=batch_size):
+        pending: deque[tuple[FileRecord, Future]] = deque()
+        for item in self.decoded(records, window=batch_size * prefetch, held=batch_size, pending=pending):
             chunk.append(item)
             if len(chunk) == batch_size:
-                yield self._collate(chunk)
+                batch = self._collate(chunk)
+                batch.ahead = sum(1 for _, f in pending if f.done())
+                yield batch
                 chunk = []
         if chunk:
             yield self._collate(chunk)
@@ -283,9 +310,14 @@ def _chunked(records: Iterable[FileRecord], size: int) -> Iterator[list[FileReco
         yield chunk
 
 
-def _in_order(tasks: Iterator[tuple], window: int) -> Iterator[tuple]:
-    """(key, future) pairs in, (key, result) out in the same order, at most `window` pending."""
-    pending: deque[tuple[object, Future]] = deque()
+def _in_order(tasks: Iterator[tuple], window: int,
+              pending: deque[tuple[object, Future]] | None = None) -> Iterator[tuple]:
+    """(key, future) pairs in, (key, result) out in the same order, at most `window` pending.
+
+    `pending`, when given, is the queue to use: the caller can count how
+    many of its futures are done (how far the workers lead it).
+    """
+    pending = deque() if pending is None else pending
     try:
         for key, fut in tasks:
             pending.append((key, fut))

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 import polars as pl
 import pytest
 import torch
 
+from mlcls.images.preprocess import Preprocess
+from mlcls.sources import iter_source
 from mlcls.tag.engine import clear_engines, get_engine
 from mlcls.tag.job import TagOptions, get_bundle, tag_images
+from mlcls.tag.loader import Loader
 from mlcls.tag.threads import MIN_BATCHES, PROBE_BATCHES, StageClock, ThreadBalance
 from tests.helpers.images import write_images
 
@@ -76,3 +80,46 @@ def test_a_long_cpu_run_probes_once_and_its_rows_match_pinned_threads(tmp_path, 
     diff = max(abs(x - y) for ra, rb in zip(a["probs"].to_list(), b["probs"].to_list(), strict=True)
                for x, y in zip(ra.values(), rb.values(), strict=True))
     assert diff < 1e-5
+
+
+def test_the_lean_split_runs_a_batch_on_all_threads_with_decoding_paused_when_the_next_is_ready(two_threads):
+    paused = []
+
+    @contextmanager
+    def pause():
+        paused.append(True)
+        yield
+        paused.append(False)
+
+    balance = ThreadBalance({1: 1}, 2, 1, StageClock(), MIN_BATCHES, pause=pause)  # the lean split was chosen
+    for ahead, threads, pauses in [(3, 1, []), (4, 2, [True, False]), (0, 1, [])]:
+        paused.clear()
+        with balance.batch(5, 4, ahead=ahead):
+            assert torch.get_num_threads() == threads
+            assert paused == pauses[:1]  # paused while the batch runs
+        assert paused == pauses  # and resumed after it
+    full = ThreadBalance({1: 2}, 2, 1, StageClock(), MIN_BATCHES, pause=pause)  # all threads already: no pause
+    with full.batch(5, 4, ahead=100):
+        assert torch.get_num_threads() == 2 and paused == []
+    balance.close()
+    assert balance.boosted == 1 and torch.get_num_threads() == 2
+
+
+def test_a_paused_loader_reads_but_decodes_nothing_until_the_pause_ends(tmp_path):
+    write_images(tmp_path, 6)
+    records = sorted(iter_source(str(tmp_path)), key=lambda r: r.uri)
+    loader = Loader(Preprocess(size=32, resize_size=36), decode_workers=1)
+    try:
+        with loader.decode_paused():
+            futures = [loader._pool.submit(loader.load, r) for r in records]
+            time.sleep(0.5)
+            assert not any(f.done() for f in futures)
+            assert loader.decode_clock.read()[1] == 0
+        assert all(f.result(timeout=30).error is None for f in futures)
+        assert loader.decode_clock.read()[1] == len(records)
+        batches = loader.batches(records, 2, prefetch=3)
+        next(batches)
+        time.sleep(0.5)  # the loader decodes the window ahead meanwhile
+        assert next(batches).ahead >= 2  # the batch after it is ready: a boost may pause decoding
+    finally:
+        loader.close()
