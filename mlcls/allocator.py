@@ -4,17 +4,18 @@ glibc's malloc serves large blocks with `mmap` and unmaps them on `free`
 (its threshold adapts, up to 32 MB), and trims the heap's free top past
 twice that. A CNN's activations are such blocks: every training step and
 every inference batch gets fresh pages from the kernel, which faults them in
-and zeroes them one 4 KB page at a time. On a 2-core AVX2 EPYC VM that was
-~55,000 minor faults per resnet18 training step (batch 64, 128 px) and made
-the plain `DataLoader` script tag at 25 img/s where it ran at 57 with the
-pages kept (bench/RESULTS.md, "the allocator").
+and zeroes them one 4 KB page at a time. On a 2-core AVX2 EPYC VM
+(bench/RESULTS.md, issue 11, "the allocator"): ~55,000 minor faults per
+resnet18 training step (batch 64, 128 px); `mlcls tag` with
+mobilenet_v3_large ran at 38 img/s with glibc's defaults and 84 with the
+pages kept, and whole `mlcls train` runs took 320-329 s instead of 337-359.
 
 `keep_freed_memory` raises glibc's mmap and trim thresholds (`mallopt`, what
 the `MALLOC_MMAP_THRESHOLD_`/`MALLOC_TRIM_THRESHOLD_` variables do at start-up),
 so freed blocks are reused: the same effect as preloading jemalloc or
 tcmalloc, which PyTorch's CPU tuning guide advises, with nothing to install.
-The cost is memory the process keeps after its peak (peak RSS +15 % when
-tagging, +14 % when training, in the measurement above). It is process-wide,
+The cost is memory the process keeps after its peak (peak RSS +29 % when
+tagging, +13 % when training, in the measurements above). It is process-wide,
 so it stays out of the way of a user's own choice: it does nothing where the
 user set those variables, `GLIBC_TUNABLES` or a preloaded allocator, where
 the C library is not glibc, or with `MLCLS_MALLOC=system`. Processes forked
