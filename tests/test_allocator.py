@@ -72,3 +72,5 @@ def test_why_not_keep_names_what_the_user_set(monkeypatch: pytest.MonkeyPatch) -
         assert allocator.why_not_keep() == "set by the user (MALLOC_TRIM_THRESHOLD_, LD_PRELOAD)"
     monkeypatch.setenv("MLCLS_MALLOC", "System")
     assert allocator.why_not_keep() == "MLCLS_MALLOC=system"
+    monkeypatch.setenv("MLCLS_MALLOC", "off")
+    assert allocator.why_not_keep() == "MLCLS_MALLOC=off"
