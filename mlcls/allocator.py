@@ -25,10 +25,10 @@ later (decode workers) inherit it.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import platform
-import threading
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,6 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>
 KEEP_UP_TO = 1 << 30  # blocks up to 1 GiB come from the heap, and up to 1 GiB of free heap is kept
 _USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 _OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
-_lock = threading.Lock()
-_state: dict[str, bool] = {}
 
 
 def why_not_keep() -> str | None:
@@ -55,15 +53,13 @@ def why_not_keep() -> str | None:
     return f"set by the user ({', '.join(user)})" if user else None
 
 
+@functools.cache
 def keep_freed_memory() -> bool:
-    """Make glibc keep freed blocks for reuse (once per process); whether this process now does."""
-    with _lock:
-        if "kept" not in _state:
-            _state["kept"] = _apply()
-        return _state["kept"]
+    """Make glibc keep freed blocks for reuse (once per process); whether this process now does.
 
-
-def _apply() -> bool:
+    Cached: later calls cost a lookup. Two first calls at once would both
+    set the same values, which is harmless.
+    """
     reason = why_not_keep()
     if reason:
         log.debug("allocator left as it is: %s", reason)
@@ -74,5 +70,6 @@ def _apply() -> bool:
     except (OSError, AttributeError) as err:  # no mallopt: nothing to tune
         log.debug("allocator left as it is: %s", err)
         return False
-    log.debug("allocator keeps freed blocks up to %d MiB for reuse", KEEP_UP_TO >> 20)
+    log.debug("allocator %s freed blocks up to %d MiB for reuse", "keeps" if done else "could not keep",
+              KEEP_UP_TO >> 20)
     return done

@@ -122,15 +122,14 @@ class ThreadBalance:
         if self.fixed is None and arm is None and index > len(self.arms) * PROBE_BATCHES:
             self._decide()
         threads = arm.threads if arm is not None else (self.fixed or self.saved)
-        boost = arm is None and self.pause is not None and threads < self.saved and 0 < images <= ahead
-        if boost:
+        pause = self.pause if arm is None and threads < self.saved and 0 < images <= ahead else None
+        if pause is not None:
             threads = self.saved
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
-        if boost:
-            assert self.pause is not None
+        if pause is not None:
             self.boosted += 1
-            with self.pause():
+            with pause():
                 yield
             return
         if arm is None or self.clock is None:

@@ -78,9 +78,9 @@ def train_from_labels(spec: LabelsSpec, out: str, *, cfg: TrainConfig, pre: Prep
     images unless given). `extra` goes into the bundle's training record
     (over the defaults: labels, weights, image counts).
     """
-    keep_freed_memory()  # each step reuses the last one's pages (`mlcls.allocator`)
     plan = plan_training(spec, out, cfg=cfg, pre=pre, classes=classes, weights=weights, resume=resume,
                          checkpoint=checkpoint, storage_options=storage_options)
+    keep_freed_memory()  # checks passed: from decoding on, each step reuses the last one's pages (`mlcls.allocator`)
     pre = plan.pre
     train_x, train_y, val_x, val_y, val_uris = load_split(plan, pre, workers=workers,
                                                           storage_options=storage_options)
