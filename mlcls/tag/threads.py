@@ -23,7 +23,10 @@ decoded (`ImageBatch.ahead`) runs on all threads with new decodes paused
 decoders, which refill the window during the lean batches. Measured on a
 2-core AVX2 EPYC (mobilenet_v3_large, whole shards of 2,400 images, paired
 runs): ~1 batch in 3 ran that way, 69-93 img/s against 62-79 without it
-(bench/RESULTS.md, issue 11).
+(bench/RESULTS.md, issue 11). The probe weighs the lean split with that
+boost: a third arm times batches on all threads with decoding paused, and
+the lean split's estimate mixes its own batches with such ones in the share
+the decode threads leave free (`_lean_with_boost`).
 
 Only for in-process decode threads on an eager CPU engine (Inductor fixes
 a compiled kernel's thread count when it compiles), and only when the user
@@ -37,7 +40,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -96,7 +99,7 @@ class ThreadBalance:
             self.fixed: int | None = chosen[workers]
         elif chosen is not None and decode_clock is not None and lean >= 1 and batches >= MIN_BATCHES:
             self.fixed = None
-            self.arms = [_Arm(base), _Arm(lean)]
+            self.arms = [_Arm(base), _Arm(lean)] + ([_Arm(base)] if pause is not None else [])  # the third: boost
         else:
             self.fixed = base
         self._mark: tuple[float, int] = (0.0, 0)
@@ -123,15 +126,19 @@ class ThreadBalance:
             self._decide()
         threads = arm.threads if arm is not None else (self.fixed or self.saved)
         pause = self.pause if arm is None and threads < self.saved and 0 < images <= ahead else None
+        if arm is not None and arm is self._boost_arm():
+            pause = self.pause  # the probe times the boost whether or not the next batch is ready
         if pause is not None:
             threads = self.saved
+            self.boosted += arm is None
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
-        if pause is not None:
-            self.boosted += 1
-            with pause():
-                yield
-            return
+        with pause() if pause is not None else nullcontext(), self._timed(arm, index, images):
+            yield
+
+    @contextmanager
+    def _timed(self, arm: _Arm | None, index: int, images: int) -> Iterator[None]:
+        """Add a probed batch's forward time and its window's decoding to its arm."""
         if arm is None or self.clock is None:
             yield
             return
@@ -144,15 +151,34 @@ class ThreadBalance:
         seconds, items = self.clock.read()  # the window so far; its last batch leaves the whole arm's
         arm.decode_seconds, arm.decoded = seconds - self._mark[0], items - self._mark[1]
 
+    def _boost_arm(self) -> _Arm | None:
+        return self.arms[2] if len(self.arms) > 2 else None
+
+    def _lean_with_boost(self) -> float:
+        """Seconds an image with the lean split, counting the batches it runs boosted (see the module doc).
+
+        The decode threads, at d seconds an image (shared), decode all the
+        time; the model runs m1 an image beside them and m2 on all threads
+        while they pause. With d < m1 a share d/m1 of the images goes
+        through lean batches and the rest through boosted ones: N images
+        take N(d + m2(1 - d/m1)). With d >= m1 decoding sets the pace.
+        """
+        lean, boost = self.arms[1], self._boost_arm()
+        decode = lean.decode_seconds / lean.decoded / self.workers if lean.decoded else 0.0
+        m1 = lean.model_seconds / max(1, lean.model_images)
+        if boost is None or not boost.model_images or decode >= m1:
+            return lean.per_image(self.workers)
+        m2 = boost.model_seconds / boost.model_images
+        return decode + m2 * (1 - decode / m1)
+
     def _decide(self) -> None:
-        full, lean = self.arms
-        best = min(self.arms, key=lambda a: a.per_image(self.workers))
-        self.fixed = best.threads
+        full, lean = self.arms[0].per_image(self.workers), self._lean_with_boost()
+        self.fixed = self.arms[0].threads if full <= lean else self.arms[1].threads
         if self.chosen is not None:
-            self.chosen[self.workers] = best.threads
+            self.chosen[self.workers] = self.fixed
         log.info("torch threads beside %d decode thread(s): %d (slower stage %.1f ms an image with %d threads, "
-                 "%.1f with %d)", self.workers, best.threads, 1e3 * full.per_image(self.workers), full.threads,
-                 1e3 * lean.per_image(self.workers), lean.threads)
+                 "%.1f with %d%s)", self.workers, self.fixed, 1e3 * full, self.arms[0].threads, 1e3 * lean,
+                 self.arms[1].threads, " and paused decoding between" if self._boost_arm() else "")
 
     def close(self) -> None:
         """Give torch back the threads the engine started with."""
