@@ -36,13 +36,18 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>
 KEEP_UP_TO = 1 << 30  # blocks up to 1 GiB come from the heap, and up to 1 GiB of free heap is kept
 _USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 _OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
+_SYSTEM = ("system", "off", "0", "false", "no")
+_KEEP = ("", "keep", "auto", "on", "1", "true", "yes")
 
 
 def why_not_keep() -> str | None:
     """Why this process's allocator is left as it is, or None where `keep_freed_memory` applies."""
     choice = os.environ.get("MLCLS_MALLOC", "").strip().lower()
-    if choice in ("system", "off", "0", "false", "no"):
+    if choice in _SYSTEM:
         return f"MLCLS_MALLOC={choice}"
+    if choice not in _KEEP:  # a typo must not pass for a choice: say what is read and what it does
+        log.warning("MLCLS_MALLOC=%s is not one of %s; keeping freed memory (the default)", choice,
+                    "/".join(_SYSTEM[:2] + _KEEP[1:2]))
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return "not glibc"
     user = [name for name in _USER_SETTINGS if name in os.environ]

@@ -74,3 +74,19 @@ def test_why_not_keep_names_what_the_user_set(monkeypatch: pytest.MonkeyPatch) -
     assert allocator.why_not_keep() == "MLCLS_MALLOC=system"
     monkeypatch.setenv("MLCLS_MALLOC", "off")
     assert allocator.why_not_keep() == "MLCLS_MALLOC=off"
+
+
+def test_an_unknown_choice_is_said_not_taken_for_one(monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLCLS_MALLOC", "sytem")
+    with caplog.at_level("WARNING", logger="mlcls.allocator"):
+        reason = allocator.why_not_keep()
+    assert reason is None or reason == "not glibc"  # the default stands
+    assert "MLCLS_MALLOC=sytem is not one of system/off/keep" in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("MLCLS_MALLOC", "keep")
+    with caplog.at_level("WARNING", logger="mlcls.allocator"):
+        allocator.why_not_keep()
+    assert caplog.text == ""
