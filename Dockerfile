@@ -20,6 +20,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /opt/mlcls
 
+# A C/C++ compiler: torch.compile builds Triton's launcher (GPU) and Inductor's kernels (CPU) with it, and
+# `--compile auto` runs eager without one (mlcls/tag/compiling.py), giving up the compiled model's speed.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
+
 # torch first, in its own layer: it is most of the image and changes least.
 RUN pip install torch==2.14.1 torchvision==0.29.1
 
