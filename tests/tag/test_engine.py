@@ -7,11 +7,12 @@ import logging
 import numpy as np
 import pytest
 import torch
+import torchvision
 
 from mlcls.bundle import load_bundle
 from mlcls.errors import OptionError
 from mlcls.tag import compiling
-from mlcls.tag.engine import Engine, cpu_has_fast_bf16, resolve_precision
+from mlcls.tag.engine import Engine, cpu_has_fast_bf16, fold_batchnorm, resolve_precision
 from mlcls.tag.job import TagOptions, engine_for, open_run
 
 XEON_AMX = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\nflags\t\t: fpu avx512f avx512_vnni " \
@@ -68,6 +69,59 @@ def test_out_of_memory_halves_the_batch_carries_on_and_says_so_once(tiny_bundle,
     assert len(warnings) == 1 and "batches of 8" in warnings[0].getMessage()
 
 
+def _trained_like(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` in eval mode with batch-norm statistics and affines far from their init (as after training)."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            for t, lo, hi in ((m.running_mean, -1, 1), (m.running_var, 0.2, 3), (m.weight.data, 0.5, 2),
+                              (m.bias.data, -1, 1)):
+                t.copy_(torch.empty(t.shape).uniform_(lo, hi, generator=g))
+    return model.eval()
+
+
+def test_batch_norm_is_folded_into_the_convolutions_with_the_same_outputs():
+    torch.manual_seed(0)
+    model = _trained_like(torchvision.models.resnet18(num_classes=6))
+    x = torch.rand(3, 3, 64, 64)
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 20  # the bundle's model is untouched
+    with torch.inference_mode():
+        expected, got = model(x), folded(x)
+    assert expected.abs().max() > 1  # outputs far from zero: the comparison means something
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+class _DataDependent(torch.nn.Module):
+    """Conv + batch norm behind a branch on the data: FX cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x)) if x.sum() > 0 else x
+
+
+def test_a_model_that_cannot_be_traced_and_a_training_model_run_as_they_are():
+    model = _DataDependent().eval()
+    assert fold_batchnorm(model) is model
+    training = torchvision.models.resnet18(num_classes=2).train()
+    assert fold_batchnorm(training) is training  # batch statistics in training: nothing to fold
+
+
+def test_the_engine_runs_the_folded_model(tiny_bundle):
+    bundle = load_bundle(tiny_bundle)
+    engine = Engine(bundle, torch.device("cpu"), precision="fp32")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in engine.model.modules())
+    pixels = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8))
+    reference = bundle.build_model()
+    with torch.inference_mode():
+        expected = torch.sigmoid(reference(engine.normalise(pixels))).numpy()
+    np.testing.assert_allclose(engine.probs(pixels), expected, atol=1e-5)
+
+
 def test_out_of_memory_with_one_image_is_raised(tiny_bundle):
     engine = Engine(load_bundle(tiny_bundle), torch.device("cpu"), precision="fp32")
     engine.model = _Limited(engine.model, limit=0)
@@ -90,11 +144,13 @@ def test_compile_option_and_auto_policy(tiny_bundle):
     with pytest.raises(OptionError, match="--compile"):
         TagOptions(compile="sometimes").validate()
     assert compiling.should_compile("on", "cpu", 1) and not compiling.should_compile("off", "cpu", 10**9)
-    cpu_even = compiling.break_even_images("cpu", warm=False)
-    assert not compiling.should_compile("auto", "cpu", cpu_even - 1, warm=False)
-    assert compiling.should_compile("auto", "cpu", cpu_even, warm=False)
-    assert compiling.break_even_images("cpu", warm=True) < cpu_even  # a warm cache: the compile pays sooner
-    assert compiling.break_even_images("cpu", model_rate=500, warm=False) > cpu_even  # fewer seconds to gain
+    gpu_even = compiling.break_even_images("cuda", warm=False)
+    with_compiler = compiling.missing_compiler("cuda") is None
+    assert not compiling.should_compile("auto", "cuda", gpu_even - 1, warm=False)
+    assert compiling.should_compile("auto", "cuda", gpu_even, warm=False) == with_compiler
+    assert compiling.break_even_images("cuda", warm=True) < gpu_even  # a warm cache: the compile pays sooner
+    assert compiling.break_even_images("cuda", model_rate=50_000, warm=False) > gpu_even  # fewer seconds to gain
+    assert not compiling.should_compile("auto", "cpu", 10**9, warm=True)  # a CPU runs eager: balanced threads win
     engine = engine_for(load_bundle(tiny_bundle), TagOptions(device="cpu").validate(), images=100)
     assert engine.pad_to is None and not hasattr(engine.model, "_orig_mod")  # a short shard: eager
 
@@ -108,8 +164,8 @@ def test_compile_without_a_compiler_runs_eager_under_auto_and_fails_fast_when_as
     monkeypatch.setattr(compiling, "_WARNED", set())
     assert "g++" in compiling.missing_compiler("cpu") and "gcc" in compiling.missing_compiler("cuda")
     with caplog.at_level("WARNING", logger="mlcls.tag.compiling"):
-        assert not compiling.should_compile("auto", "cpu", 10**9, warm=False)
-    assert "running eager" in caplog.text
+        assert not compiling.should_compile("auto", "cuda", 10**9, warm=False)
+    assert "no C compiler (gcc)" in caplog.text and "running eager" in caplog.text
     with pytest.raises(OptionError, match="--compile on: no C\\+\\+ compiler"):
         compiling.should_compile("on", "cpu", 1)
     with pytest.raises(OptionError, match="--compile off"):
