@@ -3,7 +3,7 @@
 Compiling costs tens of seconds once per process and shape; it gains a
 share of each later batch. `--compile auto` (the default) compiles only when
 the planned work is long enough to win that back, with per-device figures
-measured in bench/RESULTS.md. The Inductor cache lives under the user's
+measured in bench/RESULTS.md, and only on a GPU (see `COSTS`). The Inductor cache lives under the user's
 cache directory, so a nightly run, and every fanned-out worker on the same
 machine, pays the full compile once and later ones load its graphs.
 """
@@ -32,12 +32,13 @@ class CompileCost:
     saving: float  # share of each image's end-to-end time the compiled model saves (0.1: 10% faster)
 
 
-# From bench/RESULTS.md. CPU (2 cores): a cold compile of mobilenet_v3_large took 70 s on a quiet machine and a
-# warm one a quarter of the cold one (48 s against 204 s under load); end to end it gained 10% (the model shares
-# the cores with decoding). CUDA (one H100, ResNet-50 bf16): 24 s cold; 12,100 -> 19,061 img/s model only;
-# the warm figure is the CPU's ratio, not measured there. Auto errs towards not compiling.
+# From bench/RESULTS.md. CUDA (one H100, ResNet-50 bf16): 24 s cold; 12,100 -> 19,061 img/s model only; the warm
+# figure is the CPU's ratio (a quarter of the cold compile), not measured there. Auto errs towards not compiling.
+# No CPU entry: `auto` runs eager on a CPU. There a compiled model gains model only (mobilenet_v3_large +14 % on a
+# 2-core AVX2 EPYC) but loses end to end (69 against 87 img/s, same run): Inductor fixes its kernels' thread count
+# when it compiles, so the compiled engine gives up the per-batch thread balance beside decoding (`threads.py`),
+# which is worth more. `--compile on` still compiles on a CPU.
 COSTS = {
-    "cpu": CompileCost(cold=70.0, warm=18.0, saving=0.10),
     "cuda": CompileCost(cold=25.0, warm=8.0, saving=0.35),
 }
 
@@ -110,9 +111,9 @@ def should_compile(mode: str, device_type: str, images: int, model_rate: float |
     `auto` compiles when the time it saves, images / rate × saving, beats
     the compile (cold, or warm where the cache holds earlier graphs), and
     only where the compiler it needs is present (`missing_compiler`): a run
-    that could only fail runs eager. The rate is the eager model's images/s
-    if known; else a conservative figure per device (a CPU's 50/s, a GPU's
-    5,000/s).
+    that could only fail runs eager. Devices without figures in `COSTS` (the
+    CPU) run eager under `auto`. The rate is the eager model's images/s if
+    known; else a conservative 5,000/s on a GPU.
     """
     mode = parse_compile(mode)
     if mode == "on":
@@ -132,6 +133,6 @@ def should_compile(mode: str, device_type: str, images: int, model_rate: float |
 def break_even_images(device_type: str, model_rate: float | None = None, warm: bool | None = None) -> int:
     """The planned images from which `auto` compiles (for docs and messages)."""
     cost = COSTS[device_type]
-    rate = model_rate or (5000.0 if device_type == "cuda" else 50.0)
+    rate = model_rate or 5000.0
     seconds = cost.warm if (cache_is_warm() if warm is None else warm) else cost.cold
     return int(seconds * rate / cost.saving) + 1
