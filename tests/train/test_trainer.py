@@ -204,6 +204,18 @@ def test_labels_that_leave_a_class_without_training_positives_stop_before_readin
     assert not (tmp_path / "b").exists()
 
 
+def test_compile_without_a_compiler_stops_before_reading_labels_or_images(tmp_path, monkeypatch):
+    # a slim container: Inductor would fail at the first step, after the images were read and decoded
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CXX", raising=False)
+    labels = tmp_path / "l.csv"
+    labels.write_text("image,labels\nmissing-a.jpg,cat\n")
+    with pytest.raises(OptionError, match="--compile: no C\\+\\+ compiler .*; install one .* or drop --compile"):
+        train_from_labels(LabelsSpec(str(labels)), str(tmp_path / "b"), cfg=replace(CFG, compile=True,
+                                                                                      device="cpu"), pre=PRE)
+    assert not (tmp_path / "b").exists()
+
+
 def test_architectures_that_cannot_be_built_on_the_meta_device_still_train_and_load(tmp_path):
     """regnets compute their widths with tensors; head detection and bundle loading fall back to the CPU."""
     from mlcls.bundle import save_bundle
