@@ -45,6 +45,8 @@ VARIANTS = {  # name: TagOptions overrides ("_env": environment for the child in
     "auto-dataloader": {"decode_pool": "dataloader"},
     # the default with glibc's allocator as it comes (`mlcls.allocator` off): what mlcls ran before it
     "auto-system-malloc": {"_env": {"MLCLS_MALLOC": "system"}},
+    # the default without torch's huge pages (`mlcls.allocator.prefer_huge_pages`): what mlcls ran before it
+    "auto-no-thp": {"_env": {"THP_MEM_ALLOC_ENABLE": "0"}},
     "draft-threads": {"draft": True, "precision": "fp32", "decode_pool": "threads"},
 }
 
@@ -458,7 +460,10 @@ def measure(a: argparse.Namespace, common: dict, corpus: str, bundle: str,
         shutil.rmtree(base_dir, ignore_errors=True)
         os.makedirs(base_dir)
         rows.append((f"baseline (DataLoader, {os.cpu_count()} workers)",
-                     run_child("baseline", **common, corpus=corpus, out=base_dir, workers=os.cpu_count())))
+                     # torch's defaults, as a user's script has them (it loads the model through mlcls.bundle,
+                     # whose import would otherwise ask for huge pages)
+                     run_child("baseline", {"THP_MEM_ALLOC_ENABLE": "0"}, **common, corpus=corpus, out=base_dir,
+                               workers=os.cpu_count())))
     agreement = {}
     if "mlcls" not in a.skip:
         for name in a.variants:

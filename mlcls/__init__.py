@@ -8,8 +8,10 @@ steps as Prefect flows. The public API is re-exported here:
     frame = mlcls.OutputTable.open("tags/").scan()
 
 Names resolve on first use (PEP 562), so `import mlcls` and the CLI start
-without importing torch, and this module imports nothing of the package:
-no import circle runs through it.
+without importing torch, and this module imports nothing of the package but
+`mlcls.allocator` (no torch, no package imports): no import circle runs
+through it. It asks torch for huge pages before any tensor exists
+(`mlcls.allocator.prefer_huge_pages`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ from __future__ import annotations
 from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
+
+from mlcls.allocator import prefer_huge_pages
+
+prefer_huge_pages()
 
 try:
     __version__ = version("mlcls")

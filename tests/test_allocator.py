@@ -40,6 +40,7 @@ print(json.dumps({"kept": kept, "faults": faults, "repeat_faults": sum(faults[3:
 
 def _probe(mode: str, **env: str) -> dict:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "MLCLS_MALLOC"}
+    clean["THP_MEM_ALLOC_ENABLE"] = "0"  # 4 KB pages, so that the faults count blocks mapped anew
     out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True,
                          env={**clean, **env})
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -90,3 +91,37 @@ def test_an_unknown_choice_is_said_not_taken_for_one(monkeypatch: pytest.MonkeyP
     with caplog.at_level("WARNING", logger="mlcls.allocator"):
         allocator.why_not_keep()
     assert caplog.text == ""
+
+
+HUGE = """
+import json, os
+import mlcls  # before any tensor: torch reads THP_MEM_ALLOC_ENABLE at the first one
+import torch
+x = torch.ones(64 << 20)  # 256 MB, touched
+huge = next(int(line.split()[1]) for line in open("/proc/self/smaps_rollup") if line.startswith("AnonHugePages"))
+print(json.dumps({"env": os.environ.get("THP_MEM_ALLOC_ENABLE"), "huge_kb": huge}))
+"""
+
+
+def _huge(**env: str) -> dict:
+    clean = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "MLCLS_MALLOC")}
+    out = subprocess.run([sys.executable, "-c", HUGE], capture_output=True, text=True, check=True,
+                         env={**clean, **env})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _thp_mode() -> str:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return "none"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="Linux's memory accounting")
+def test_importing_mlcls_asks_torch_for_huge_pages_unless_told_otherwise() -> None:
+    default, user, system = _huge(), _huge(THP_MEM_ALLOC_ENABLE="0"), _huge(MLCLS_MALLOC="system")
+    assert default["env"] == "1" and user["env"] == "0" and system["env"] is None
+    if _thp_mode() == "madvise":  # huge pages only where torch asks for them
+        assert default["huge_kb"] >= 64 << 10  # most of the 256 MB block
+        assert user["huge_kb"] == 0 and system["huge_kb"] == 0
