@@ -1,11 +1,12 @@
 """When `torch.compile` pays for itself, and where its work is kept between processes.
 
 Compiling costs tens of seconds once per process and shape; it gains a
-share of each later batch. `--compile auto` (the default) compiles only when
-the planned work is long enough to win that back, with per-device figures
-measured in bench/RESULTS.md, and only on a GPU (see `COSTS`). The Inductor cache lives under the user's
-cache directory, so a nightly run, and every fanned-out worker on the same
-machine, pays the full compile once and later ones load its graphs.
+share of each later batch. `--compile auto` (the default) compiles only on a
+GPU (see `COSTS`) and only when the planned work is long enough to win that
+back, with figures measured in bench/RESULTS.md. The Inductor cache lives
+under the user's cache directory, so a nightly run, and every fanned-out
+worker on the same machine, pays the full compile once and later ones load
+its graphs.
 """
 
 from __future__ import annotations

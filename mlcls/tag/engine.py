@@ -147,8 +147,9 @@ def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
     torch's FX pass (`torch.fx.experimental.optimization.fuse`) traces the
     model and folds what it finds. On a 2-core AVX2 EPYC, model only, fp32,
     channels-last: mobilenet_v3_large 155 -> 200 img/s (its many thin
-    layers are memory-bound; end to end 87 -> 97), resnet50 16.8 -> 17.1 (bench/RESULTS.md,
-    issue 11, "batch norm folded"). A model FX cannot trace runs as it is.
+    layers are memory-bound; end to end 87 -> 97), resnet50 16.8 -> 17.1
+    (bench/RESULTS.md, issue 11, "batch norm folded"). A model FX cannot
+    trace runs as it is.
     """
     from torch.fx.experimental.optimization import fuse
 
