@@ -40,6 +40,11 @@ _SYSTEM = ("system", "off", "0", "false", "no")
 _KEEP = ("", "keep", "auto", "on", "1", "true", "yes")
 
 
+def _choice() -> str:
+    """`MLCLS_MALLOC` as given, trimmed and lower-case ("" when unset)."""
+    return os.environ.get("MLCLS_MALLOC", "").strip().lower()
+
+
 def prefer_huge_pages() -> bool:
     """Have torch's CPU allocator ask for transparent huge pages for blocks of 2 MB and more; whether it will.
 
@@ -55,7 +60,7 @@ def prefer_huge_pages() -> bool:
     faster, peak RSS unchanged. A value the user set stands;
     `MLCLS_MALLOC=system` (or off) leaves it unset.
     """
-    if os.environ.get("MLCLS_MALLOC", "").strip().lower() in _SYSTEM:
+    if _choice() in _SYSTEM:
         return False
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     return os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
@@ -63,7 +68,7 @@ def prefer_huge_pages() -> bool:
 
 def why_not_keep() -> str | None:
     """Why this process's allocator is left as it is, or None where `keep_freed_memory` applies."""
-    choice = os.environ.get("MLCLS_MALLOC", "").strip().lower()
+    choice = _choice()
     if choice in _SYSTEM:
         return f"MLCLS_MALLOC={choice}"
     if choice not in _KEEP:  # a typo must not pass for a choice: say what is read and what it does

@@ -79,11 +79,17 @@ class _Arm:
     decode_seconds: float = 0.0
     decoded: int = 0
 
+    def model(self) -> float:
+        """Forward seconds an image."""
+        return self.model_seconds / max(1, self.model_images)
+
+    def decode(self, workers: int) -> float:
+        """Decode seconds an image, shared by `workers` threads."""
+        return self.decode_seconds / self.decoded / workers if self.decoded else 0.0
+
     def per_image(self, workers: int) -> float:
-        """Seconds per image of the slower stage (decoding is shared by `workers` threads)."""
-        model = self.model_seconds / max(1, self.model_images)
-        decode = self.decode_seconds / self.decoded / workers if self.decoded else 0.0
-        return max(model, decode)
+        """Seconds per image of the slower stage."""
+        return max(self.model(), self.decode(workers))
 
 
 class ThreadBalance:
@@ -164,12 +170,10 @@ class ThreadBalance:
         take N(d + m2(1 - d/m1)). With d >= m1 decoding sets the pace.
         """
         lean, boost = self.arms[1], self._boost_arm()
-        decode = lean.decode_seconds / lean.decoded / self.workers if lean.decoded else 0.0
-        m1 = lean.model_seconds / max(1, lean.model_images)
+        decode, m1 = lean.decode(self.workers), lean.model()
         if boost is None or not boost.model_images or decode >= m1:
             return lean.per_image(self.workers)
-        m2 = boost.model_seconds / boost.model_images
-        return decode + m2 * (1 - decode / m1)
+        return decode + boost.model() * (1 - decode / m1)
 
     def _decide(self) -> None:
         full, lean = self.arms[0].per_image(self.workers), self._lean_with_boost()
