@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import polars as pl
@@ -57,25 +58,35 @@ def test_the_probe_keeps_the_split_whose_slower_stage_is_faster(two_threads, cos
     assert again == [winner] * 3  # the next shard does not probe
 
 
+class PauseRecorder:
+    """A stand-in for `Loader.decode_paused`: records each pause (True) and resume (False)."""
+
+    def __init__(self) -> None:
+        self.events: list[bool] = []
+
+    @property
+    def active(self) -> bool:
+        return bool(self.events) and self.events[-1]
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        self.events.append(True)
+        yield
+        self.events.append(False)
+
+
 @pytest.mark.parametrize(("boosted_model", "winner"), [
     (0.003, 1),  # lean alone loses (10 ms against 8), with the boost it wins: 5 + 3 × (1 - 5/10) = 6.5 ms
     (0.008, 2),  # a boost too slow to help: 5 + 8 × 0.5 = 9 ms, full stays
 ])
 def test_the_probe_weighs_the_lean_split_with_its_boost(two_threads, boosted_model, winner):
-    clock, paused, seen = StageClock(), [False], []
-
-    @contextmanager
-    def pause():
-        paused[0] = True
-        yield
-        paused[0] = False
-
+    clock, pause, seen = StageClock(), PauseRecorder(), []
     cost = {(2, False): (0.006, 0.008), (1, False): (0.010, 0.005), (2, True): (boosted_model, 0.0)}
     chosen: dict[int, int] = {}
     balance = ThreadBalance(chosen, 2, 1, clock, MIN_BATCHES, pause=pause)
     for index in range(1 + 3 * PROBE_BATCHES + 2):
         with balance.batch(index, 4):  # nothing decoded ahead: only the probe's third arm pauses
-            seen.append((torch.get_num_threads(), paused[0]))
+            seen.append((torch.get_num_threads(), pause.active))
             model, decode = cost[seen[-1]]
             time.sleep(4 * model)
             clock.add(4 * decode, 4)
@@ -83,7 +94,7 @@ def test_the_probe_weighs_the_lean_split_with_its_boost(two_threads, boosted_mod
     assert seen[1:1 + 3 * PROBE_BATCHES] == ([(2, False)] * PROBE_BATCHES + [(1, False)] * PROBE_BATCHES
                                              + [(2, True)] * PROBE_BATCHES)
     assert chosen == {1: winner} and seen[-1] == (winner, False)
-    assert balance.boosted == 0 and not paused[0]  # probe batches are not counted as boosts; decoding resumed
+    assert balance.boosted == 0 and not pause.active  # probe batches are not counted as boosts; decoding resumed
 
 
 def test_short_shards_and_pinned_threads_are_left_alone(two_threads):
@@ -112,14 +123,8 @@ def test_a_long_cpu_run_probes_once_and_its_rows_match_pinned_threads(tmp_path, 
 
 
 def test_the_lean_split_runs_a_batch_on_all_threads_with_decoding_paused_when_the_next_is_ready(two_threads):
-    paused = []
-
-    @contextmanager
-    def pause():
-        paused.append(True)
-        yield
-        paused.append(False)
-
+    pause = PauseRecorder()
+    paused = pause.events
     balance = ThreadBalance({1: 1}, 2, 1, StageClock(), MIN_BATCHES, pause=pause)  # the lean split was chosen
     for ahead, threads, pauses in [(3, 1, []), (4, 2, [True, False]), (0, 1, [])]:
         paused.clear()
