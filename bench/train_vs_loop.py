@@ -241,13 +241,21 @@ def main() -> None:
         results["test_no_label_images"] = int((test_y.sum(1) == 0).sum())
         weights = args.loop_weights or os.path.join(tmp, "loop.pt")
         if not args.skip_loop:
-            if os.path.exists(weights):
+            made_with = {"digits": args.digits, "digit_side": list(args.digit_side), "grid": args.grid,
+                         "seed": args.seed, "train": args.train, "loop_epochs": args.loop_epochs}
+            if os.path.exists(weights):  # a plain state dict (what `mlcls train --weights` reads), and its canvases
+                sidecar = weights + ".json"
+                if not os.path.exists(sidecar) or _read_json(sidecar) != made_with:
+                    raise SystemExit(f"--loop-weights {weights} was not trained by this bench on these canvases "
+                                     f"and epochs (see {sidecar}): give another path")
                 model, seconds = torchvision.models.resnet18(num_classes=len(CLASSES)), float("nan")
                 model.load_state_dict(torch.load(weights, weights_only=True))
                 model.eval()
             else:
                 model, seconds = plain_loop(train_labels, args.loop_epochs, args.seed)
                 torch.save(model.state_dict(), weights)
+                with open(weights + ".json", "w") as f:
+                    json.dump(made_with, f)
             scores, ys = loop_scores(model, test_labels)
             results["loop"] = {**score_row(scores, ys, None), "seconds": seconds, "epochs": args.loop_epochs}
             print("  loop:", json.dumps(results["loop"]), flush=True)
@@ -266,6 +274,11 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2, default=str)
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
 
 
 def print_table(r: dict) -> None:
