@@ -38,12 +38,18 @@ print(json.dumps({"kept": kept, "faults": faults, "repeat_faults": sum(faults[3:
 """
 
 
-def _probe(mode: str, **env: str) -> dict:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "MLCLS_MALLOC"}
-    clean["THP_MEM_ALLOC_ENABLE"] = "0"  # 4 KB pages, so that the faults count blocks mapped anew
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True,
+def _run_json(script: str, *args: str, drop: tuple[str, ...], **env: str) -> dict:
+    """Run `script` in a fresh Python without the variables named in `drop` (or starting `MALLOC_`), with `env`
+    added; return the JSON object it prints last."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k not in drop}
+    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, check=True,
                          env={**clean, **env})
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _probe(mode: str, **env: str) -> dict:
+    # 4 KB pages (THP_MEM_ALLOC_ENABLE=0), so that the faults count blocks mapped anew
+    return _run_json(PROBE, mode, drop=("MLCLS_MALLOC",), **{"THP_MEM_ALLOC_ENABLE": "0", **env})
 
 
 @pytest.mark.skipif(not GLIBC, reason="the setting is glibc's")
@@ -104,10 +110,7 @@ print(json.dumps({"env": os.environ.get("THP_MEM_ALLOC_ENABLE"), "huge_kb": huge
 
 
 def _huge(**env: str) -> dict:
-    clean = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "MLCLS_MALLOC")}
-    out = subprocess.run([sys.executable, "-c", HUGE], capture_output=True, text=True, check=True,
-                         env={**clean, **env})
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return _run_json(HUGE, drop=("THP_MEM_ALLOC_ENABLE", "MLCLS_MALLOC"), **env)
 
 
 def _thp_mode() -> str:
