@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -247,6 +246,8 @@ def _overlapping(table: Any, paths: list[str], base: str, lo: str | None, hi: st
 
 def _superseded(fs, own: list[str], hit_files: list[str], repeated: np.ndarray) -> dict[str, np.ndarray]:
     """{file: row numbers to drop}: every row of a repeated uri except its newest."""
+    import polars as pl  # here, not at the top: a worker that only tags shards runs without polars
+
     frames = []
     files = hit_files + own  # own parts last: on a full tie the run's own row wins
     for order, path in enumerate(files):
@@ -358,6 +359,8 @@ def _read(fs, path: str, columns: list[str] | None) -> pa.Table:
 
 
 def _hashes(uris: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    import polars as pl
+
     return pl.Series(uris).hash().to_numpy()
 
 
