@@ -3,10 +3,13 @@
 #
 #   1. here, with the registry:  bash bench/gpu_device.sh prepare     (downloads nvImageCodec and nvJPEG to .whl/)
 #   2. on the device, once:      bash bench/gpu_device.sh run         (carry .whl; results land in $OUT)
+#   0. before that, here:        bash bench/gpu_device.sh dry         (every step on the CPU, small, with what the
+#                                device lacks made unimportable by bench/devsim; exits non-zero if a step fails)
 #
-# The device machine has Python 3.12, torch 2.11 with CUDA 13, no registry and no Prefect/polars; at most
-# 64 MiB travels with a call, so only nvImageCodec's wheel (~25 MB) and libnvjpeg's (~4 MB, CUDA 13.0 as torch's;
-# without it nvImageCodec registers no GPU JPEG decoder and decodes on the CPU) are carried. Each step has its own
+# The device machine has Python 3.12, torch 2.11 with CUDA 13, no registry and no Prefect, polars or deltalake;
+# at most 64 MiB travels with a call (deltalake alone is 52 MB, so the mlcls rows tag Parquet parts without the
+# table there: bench/throughput.py's tag_parts_only). Only nvImageCodec's wheel (~25 MB) and libnvjpeg's (~4 MB,
+# CUDA 13.0 as torch's; without it nvImageCodec registers no GPU JPEG decoder and decodes on the CPU) are carried. Each step has its own
 # timeout, so one slow step leaves the others' rows; the whole run is sized for about 8 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,33 +30,44 @@ mkdir -p "$OUT"
 export MLCLS_BENCH_DIR=${MLCLS_BENCH_DIR:-/tmp/mlcls-bench} MLCLS_CACHE=/tmp/mlcls-cache PYTHONPATH=$PWD
 RESULTS=$OUT/RESULTS-gpu.md
 log() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$OUT/run.log"; }
+failed=0
+step() {  # step NAME TIMEOUT COMMAND...: run, log its exit status, remember a failure
+    local name=$1 limit=$2; shift 2
+    log "$name"
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    log "$name rc=$rc"
+    [[ $rc == 0 ]] || failed=1
+}
 
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; python3 -V;
-  python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)"; } > "$OUT/machine.txt" 2>&1
-if ls "$WHEEL_DIR"/*.whl >/dev/null 2>&1; then
-    python3 -m pip install --no-deps --no-index "$WHEEL_DIR"/*.whl > "$OUT/pip.log" 2>&1 || log "wheel install failed"
+if [[ $mode == dry ]]; then  # the device's steps on this CPU, small: catches what would fail there
+    export PYTHONPATH=$PWD/bench/devsim:$PWD
+    device=cpu arch=mobilenet_v3_large batch=32 workers=2 iters=2 n_imagenet=96 n_mixed=64 python=${PYTHON:-python3}
+else
+    device=cuda arch=resnet50 batch=256 workers=$(($(nproc) - 1)) iters=20 n_imagenet=3000 n_mixed=2000 python=python3
 fi
-python3 -c "from nvidia import nvimgcodec; print('nvimgcodec', nvimgcodec.__version__)" >> "$OUT/machine.txt" 2>&1 \
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; $python -V;
+  $python -c "import torch; print('torch', torch.__version__, torch.version.cuda)"; } > "$OUT/machine.txt" 2>&1
+if [[ $mode == run ]] && ls "$WHEEL_DIR"/*.whl >/dev/null 2>&1; then
+    $python -m pip install --no-deps --no-index "$WHEEL_DIR"/*.whl > "$OUT/pip.log" 2>&1 || log "wheel install failed"
+fi
+$python -c "from nvidia import nvimgcodec; print('nvimgcodec', nvimgcodec.__version__)" >> "$OUT/machine.txt" 2>&1 \
     || log "no nvImageCodec: the GPU rows use torchvision's nvJPEG fallback"
-python3 -c "import torch; from nvidia import nvimgcodec; from mlcls.images.gpu import decodes_jpeg_on_gpu as g
+$python -c "import torch; from nvidia import nvimgcodec; from mlcls.images.gpu import decodes_jpeg_on_gpu as g
 print('nvimgcodec decodes on the GPU:', g(nvimgcodec, torch.device('cuda')))" >> "$OUT/machine.txt" 2>&1
 
-cores=$(nproc)
-common=(--arch resnet50 --batch-size 256 --device cuda --workers "$((cores - 1))" --iters 20 --results "$RESULTS")
+common=(--arch "$arch" --batch-size "$batch" --device "$device" --workers "$workers" --iters "$iters"
+        --results "$RESULTS")
 variants=(gpu-decode cpu-decode hybrid-0.5 auto auto-dataloader)
-log "GPU tests"
-timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/tag/test_engine.py tests/images/test_gpu.py \
-    > "$OUT/tests.log" 2>&1; log "tests rc=$?"
-log "ImageNet-like corpus"
-timeout 240 python3 bench/throughput.py "${common[@]}" --images 3000 --corpus-kind imagenet \
-    --variants "${variants[@]}" > "$OUT/imagenet.log" 2>&1; log "imagenet rc=$?"
-log "mixed corpus"
-timeout 150 python3 bench/throughput.py "${common[@]}" --images 2000 --skip model \
-    --variants gpu-decode cpu-decode auto > "$OUT/mixed.log" 2>&1; log "mixed rc=$?"
-log "decode pool A/B (mlcls threads / processes + ring / DataLoader)"
-timeout 150 python3 bench/throughput.py "${common[@]}" --images 2000 --corpus-kind imagenet --decode-ab 1 \
-    > "$OUT/decode-ab.log" 2>&1; log "decode-ab rc=$?"
-log "stand-in device (overlap)"
-timeout 60 python3 bench/throughput.py "${common[@]}" --images 2000 --corpus-kind imagenet --simulate-device 20 \
-    > "$OUT/simulated.log" 2>&1; log "simulated rc=$?"
+step tests 120 $python -m pytest -q -p no:cacheprovider -m gpu tests/tag/test_engine.py tests/images/test_gpu.py
+step imagenet 240 $python bench/throughput.py "${common[@]}" --images "$n_imagenet" --corpus-kind imagenet \
+    --variants "${variants[@]}"
+step mixed 150 $python bench/throughput.py "${common[@]}" --images "$n_mixed" --skip model \
+    --variants gpu-decode cpu-decode auto
+step decode-ab 150 $python bench/throughput.py "${common[@]}" --images "$n_mixed" --corpus-kind imagenet --decode-ab 1
+step simulated 60 $python bench/throughput.py "${common[@]}" --images "$n_mixed" --corpus-kind imagenet \
+    --simulate-device 20
+if grep -l "| failed: " "$RESULTS" 2>/dev/null; then log "a row failed: see $RESULTS"; failed=1; fi
 log "done"
+[[ $mode != dry ]] || exit $failed

@@ -187,11 +187,11 @@ def iter_shards(source: str | Sequence[str], out: str, model_id: str, plan: RunP
         while pending_rows >= shard_size:
             table = pa.concat_tables(pending)
             pending, pending_rows = [table.slice(shard_size)], table.num_rows - shard_size
-            yield _add_shard(plan, _write_shard(out, plan.run_id, model_id, table.slice(0, shard_size),
+            yield _add_shard(plan, write_shard(out, plan.run_id, model_id, table.slice(0, shard_size),
                                                 storage_options))
     plan.skipped = stats.skipped
     if pending_rows:
-        yield _add_shard(plan, _write_shard(out, plan.run_id, model_id, pa.concat_tables(pending), storage_options))
+        yield _add_shard(plan, write_shard(out, plan.run_id, model_id, pa.concat_tables(pending), storage_options))
 
 
 def _add_shard(plan: RunPlan, shard: Shard) -> Shard:
@@ -212,7 +212,15 @@ def _chunks(records: Iterator[FileRecord], size: int, limit: int | None) -> Iter
         yield records_table(batch)
 
 
-def _write_shard(out: str, run_id: str, model_id: str, table: pa.Table, storage_options: StorageOptions) -> Shard:
+def write_shard(out: str, run_id: str, model_id: str, table: pa.Table,
+                storage_options: StorageOptions = None) -> Shard:
+    """Write the manifest of one shard (a `records_table`) under the run's folder; `tag_shard` reads it back.
+
+    Public for the throughput bench on a machine without the Delta layer (the
+    lent GPU box has no deltalake or polars): it cuts its shard here and tags
+    it with `tag_shard`, the work whose rate it measures, with no table to
+    subtract from or commit to.
+    """
     table = table.combine_chunks()
     sid = shard_id(model_id, table)
     sink = pa.BufferOutputStream()
