@@ -161,7 +161,7 @@ def _errors(records: list[FileRecord], gpu: GpuJpegDecoder | None) -> dict[str, 
     loader = Loader(PRE, decode_workers=2, gpu_decoder=gpu, max_pixels=10**7)
     (batch,) = list(loader.batches(records, batch_size=len(records)))
     if gpu is not None:
-        loader.device_pixels(batch, torch.device("cpu"))
+        loader.device_pixels(batch, gpu.device)
     return {r.uri.rsplit("/", 1)[1]: d.error for r, d in zip(batch.records, batch.decoded, strict=True)}
 
 
@@ -175,3 +175,17 @@ def test_the_gpu_path_gives_the_cpu_paths_error_rows_on_the_hostile_catalogue(tm
     cpu = _errors(records, None)
     assert {n: e.split(":")[0] if e else None for n, e in cpu.items() if n in expected} == expected
     assert _errors(records, GpuJpegDecoder(PRE, torch.device("cpu"), backend=backend)) == cpu
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["nvimgcodec", "torchvision"])
+def test_a_cuda_run_gives_the_cpu_runs_error_rows_on_the_hostile_catalogue(tmp_path, backend):
+    if backend == "nvimgcodec" and not _has_nvimgcodec():
+        pytest.skip("nvImageCodec is not installed")
+    bad_input_catalogue(tmp_path)
+    _files(tmp_path)
+    records = [FileRecord(uri=str(p)) for p in sorted(tmp_path.iterdir())]
+    gpu = GpuJpegDecoder(PRE, torch.device("cuda"), backend=backend)
+    assert gpu.backend == backend
+    assert _errors(records, gpu) == _errors(records, None)
