@@ -36,6 +36,17 @@ from mlcls.images.preprocess import Preprocess
 warnings.filterwarnings("ignore", message=r".*TorchCodec.*")  # torchvision >= 0.29 marks decode_jpeg deprecated
 log = logging.getLogger(__name__)
 
+# The bundle interpolations torchvision's tensor resize can do, as the CPU path's PIL does them: PIL's
+# nearest picks the pixel torch calls nearest-exact. Lanczos, box and hamming have no tensor resize
+# (ValueError / NotImplementedError): bundles that ask for them decode on the CPU (`resizes_on_device`).
+DEVICE_INTERPOLATION = {"nearest": InterpolationMode.NEAREST_EXACT, "bilinear": InterpolationMode.BILINEAR,
+                        "bicubic": InterpolationMode.BICUBIC}
+
+
+def resizes_on_device(pre: Preprocess) -> bool:
+    """Whether the GPU path can resize as this bundle's preprocessing asks (else its images decode on the CPU)."""
+    return pre.interpolation in DEVICE_INTERPOLATION
+
 
 def nvimgcodec_decoder(device: torch.device) -> Any | None:
     """An nvImageCodec decoder on `device`, or None where the package is not installed or cannot decode
@@ -110,7 +121,9 @@ class GpuJpegDecoder:
     def __init__(self, pre: Preprocess, device: torch.device, *, backend: str = "auto") -> None:
         self.pre = pre
         self.device = device
-        self.interpolation = InterpolationMode(pre.interpolation)
+        if not resizes_on_device(pre):
+            raise ValueError(f"{pre.interpolation} resize has no GPU implementation: decode on the CPU")
+        self.interpolation = DEVICE_INTERPOLATION[pre.interpolation]
         self._nv = nvimgcodec_decoder(device) if backend in ("auto", "nvimgcodec") else None
         if backend == "nvimgcodec" and self._nv is None:
             raise ImportError("nvImageCodec is not installed, or cannot decode JPEGs on this GPU: "
@@ -119,7 +132,17 @@ class GpuJpegDecoder:
         log.info("GPU JPEG decode on %s with %s", device, self.backend)
 
     def decode(self, datas: list[bytes]) -> list[torch.Tensor | None]:
-        """One (S, S, 3) tensor per input, or None where the GPU could not decode it (the caller falls back)."""
+        """One (S, S, 3) tensor per input, or None where the GPU could not decode it (the caller falls back).
+
+        On CUDA the host first waits for the work queued on the current stream
+        (the last batch's stacks and resizes; the model runs on its own
+        streams): nvJPEG's hardware engine writes its outputs before queued
+        work has run (meta-pytorch/torchcodec#1634, H100) and torchvision's
+        decoder does not wait for the caller's stream (pytorch/vision#9606),
+        so either could overwrite freed memory the last resize still reads.
+        """
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
         images = self._decode_nvimgcodec(datas) if self._nv is not None else self._decode_torchvision(datas)
         return self.resize_crop_batch(images)
 
@@ -162,7 +185,11 @@ class GpuJpegDecoder:
                 groups[tuple(img.shape)].append(i)
         out: list[torch.Tensor | None] = [None] * len(images)
         for idx in groups.values():
-            batch = self.resize_crop(torch.stack([images[i] for i in idx]))  # type: ignore[misc]
+            try:
+                batch = self.resize_crop(torch.stack([images[i] for i in idx]))  # type: ignore[misc]
+            except RuntimeError as err:  # a scale the antialiased CUDA kernel refuses: these take the CPU path
+                log.debug("GPU resize refused %d image(s) of shape %s: %s", len(idx), images[idx[0]].shape, err)
+                continue
             for i, img in zip(idx, batch, strict=True):
                 out[i] = img
         return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 import time
 import uuid
@@ -26,7 +27,7 @@ from mlcls import progress
 from mlcls.bundle import Bundle, load_bundle, resolve_model
 from mlcls.errors import OptionError
 from mlcls.images.decode import DEFAULT_MAX_PIXELS
-from mlcls.images.gpu import GpuJpegDecoder
+from mlcls.images.gpu import GpuJpegDecoder, resizes_on_device
 from mlcls.output.commit import CommitResult, adopt, commit_parts, ensure_table
 from mlcls.output.parts import ProbsMode, build_table, file_metadata, part_name, schema, write_part
 from mlcls.output.table import check_output
@@ -38,6 +39,7 @@ from mlcls.tag.plan import RunPlan, Shard, iter_shards, read_shard, remove_manif
 from mlcls.tag.threads import ThreadBalance, user_pinned_threads
 
 _ERROR_SAMPLE = 20
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -180,7 +182,8 @@ def get_loader(bundle: Bundle, options: TagOptions, engine: Engine, *, remote: b
     device_type = engine.device.type
     workers = options.workers or default_decode_workers(device_type)
     io_workers = options.io_workers or (32 if remote else 8)
-    gpu = device_type == "cuda" and options.gpu_decode > 0
+    wants_gpu = device_type == "cuda" and options.gpu_decode > 0
+    gpu = wants_gpu and resizes_on_device(bundle.preprocess)
     pool = default_pool(workers) if options.decode_pool == "auto" else options.decode_pool
     key = (bundle.preprocess, options.batch_size, workers, io_workers, options.max_pixels, options.draft, pool,
            str(engine.device), options.gpu_decode if gpu else 0.0,
@@ -188,6 +191,9 @@ def get_loader(bundle: Bundle, options: TagOptions, engine: Engine, *, remote: b
     with _CACHE_LOCK:
         loader = _LOADERS.get(key)
         if loader is None:
+            if wants_gpu and not gpu:
+                log.warning("the bundle's %s resize has no GPU implementation: its images decode on the CPU",
+                            bundle.preprocess.interpolation)
             loader = _LOADERS[key] = Loader(
                 bundle.preprocess, decode_workers=workers, io_workers=io_workers, max_pixels=options.max_pixels,
                 draft=options.draft, storage_options=storage_options, pin_memory=device_type == "cuda",

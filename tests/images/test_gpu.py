@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import InterpolationMode
 
-from mlcls.images.decode import plain_jpeg_size, prepare
-from mlcls.images.gpu import GpuJpegDecoder, decodes_jpeg_on_gpu, probe_jpeg
-from mlcls.images.preprocess import Preprocess
+from mlcls.images.decode import Decoded, plain_jpeg_size, prepare
+from mlcls.images.gpu import GpuJpegDecoder, decodes_jpeg_on_gpu, probe_jpeg, resizes_on_device
+from mlcls.images.load import LoadConfig
+from mlcls.images.preprocess import INTERPOLATIONS, Preprocess
 from mlcls.sources import FileRecord
 from mlcls.tag.loader import Loader
 from tests.helpers.images import bad_input_catalogue, exif_rotated_jpeg, jpeg_bytes, photo
@@ -189,3 +191,46 @@ def test_a_cuda_run_gives_the_cpu_runs_error_rows_on_the_hostile_catalogue(tmp_p
     gpu = GpuJpegDecoder(PRE, torch.device("cuda"), backend=backend)
     assert gpu.backend == backend
     assert _errors(records, gpu) == _errors(records, None)
+
+
+@pytest.mark.parametrize("mode", sorted(INTERPOLATIONS))
+def test_the_device_resize_takes_exactly_the_interpolations_it_claims(mode):
+    pre = Preprocess(size=32, resize_size=36, interpolation=mode)
+    img = torch.from_numpy(photo(np.random.default_rng(3), 50, 70)).permute(2, 0, 1).contiguous()
+    if resizes_on_device(pre):
+        assert GpuJpegDecoder(pre, torch.device("cpu"), backend="torchvision").resize_crop(img).shape == (32, 32, 3)
+    else:  # torchvision has no tensor resize for it: the loader decodes such bundles' images on the CPU
+        with pytest.raises(ValueError, match="no GPU implementation"):
+            GpuJpegDecoder(pre, torch.device("cpu"), backend="torchvision")
+        raw = GpuJpegDecoder.__new__(GpuJpegDecoder)
+        raw.pre, raw.interpolation = pre, InterpolationMode(mode)
+        with pytest.raises((ValueError, NotImplementedError)):
+            raw.resize_crop(img)
+
+
+def test_nearest_on_the_device_picks_the_pixels_pil_picks():
+    pre = Preprocess(size=40, resize_size=48, interpolation="nearest")
+    data = jpeg_bytes(photo(np.random.default_rng(4), 97, 131))
+    (got,) = GpuJpegDecoder(pre, torch.device("cpu"), backend="torchvision").decode([data])
+    reference = prepare(data, pre, draft=False).pixels
+    assert np.array_equal(got.numpy(), reference)
+
+
+def test_a_size_group_the_device_cannot_resize_takes_the_cpu_path(tmp_path, monkeypatch):
+    decoder = GpuJpegDecoder(PRE, torch.device("cpu"), backend="torchvision")
+    resize = decoder.resize_crop
+
+    def refuse_wide(batch: torch.Tensor) -> torch.Tensor:  # as the CUDA antialias kernel refuses a huge scale
+        if batch.shape[-1] > 150:
+            raise RuntimeError("Provided interpolation parameters can not be handled with current algorithm")
+        return resize(batch)
+
+    monkeypatch.setattr(decoder, "resize_crop", refuse_wide)
+    rng = np.random.default_rng(5)
+    datas = [jpeg_bytes(photo(rng, 90, 120)), jpeg_bytes(photo(rng, 90, 400))]
+    got = decoder.decode(datas)
+    assert got[0] is not None and got[1] is None  # None: the caller decodes it on the CPU
+    items = [Decoded(pixels=None, jpeg=d) for d in datas]
+    out = decoder.decode_or_fallback(items, LoadConfig(preprocess=PRE, draft=False))
+    assert all(img is not None and img.shape == (64, 64, 3) for _, img in out)
+    np.testing.assert_array_equal(out[1][1].numpy(), prepare(datas[1], PRE, draft=False).pixels)
