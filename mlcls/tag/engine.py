@@ -38,7 +38,7 @@ def resolve_device(spec: str = "auto") -> torch.device:
     """`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`; a clear error otherwise."""
     spec = (spec or "auto").strip().lower()
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return resolve_device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     if spec == "cpu":
         return torch.device("cpu")
     if spec == "cuda" or spec.startswith("cuda:"):
@@ -47,7 +47,8 @@ def resolve_device(spec: str = "auto") -> torch.device:
         device = torch.device(spec)
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise OptionError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) here")
-        return device
+        # an explicit index: the engine's streams, nvImageCodec's device and the cache keys name the same GPU
+        return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
     raise OptionError(f"--device {spec!r}: use auto, cpu, cuda or cuda:N")
 
 
@@ -124,6 +125,16 @@ class Pending:
         if self._done is not None:
             self._done.synchronize()
         return self._probs.numpy()
+
+
+class _Parts(Pending):
+    """A batch split after an out-of-memory error: its parts stay in flight until the result is read."""
+
+    def __init__(self, parts: list[Pending]) -> None:
+        self._parts = parts
+
+    def result(self) -> np.ndarray:
+        return np.concatenate([p.result() for p in self._parts])
 
 
 class _Streams:
@@ -234,8 +245,7 @@ class Engine:
         step = self.max_batch or pixels.shape[0]
         if step >= pixels.shape[0]:
             return self._submit_one(pixels)
-        parts = [self._submit_one(pixels[i:i + step]).result() for i in range(0, pixels.shape[0], step)]
-        return Pending(torch.from_numpy(np.concatenate(parts)))
+        return _Parts([self._submit_one(pixels[i:i + step]) for i in range(0, pixels.shape[0], step)])
 
     def _submit_one(self, pixels: torch.Tensor) -> Pending:
         if self._streams is None:
@@ -253,7 +263,7 @@ class Engine:
         with torch.cuda.stream(s.d2h):
             host = torch.empty(probs.shape, dtype=probs.dtype, pin_memory=True)  # torch's host cache reuses these
             host.copy_(probs, non_blocking=True)
-            done = torch.cuda.Event()
+            done = torch.cuda.Event(blocking=True)  # `result` sleeps in the wait, leaving the core to decoding
             done.record(s.d2h)
         return Pending(host, done)
 

@@ -9,10 +9,11 @@ import pytest
 import torch
 import torchvision
 
-from mlcls.bundle import load_bundle
+from mlcls.bundle import load_bundle, save_bundle
 from mlcls.errors import OptionError
+from mlcls.images.preprocess import Preprocess
 from mlcls.tag import compiling
-from mlcls.tag.engine import Engine, cpu_has_fast_bf16, fold_batchnorm, resolve_precision
+from mlcls.tag.engine import Engine, Normaliser, cpu_has_fast_bf16, fold_batchnorm, resolve_precision
 from mlcls.tag.job import TagOptions, engine_for, open_run
 
 XEON_AMX = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\nflags\t\t: fpu avx512f avx512_vnni " \
@@ -52,10 +53,55 @@ class _Limited(torch.nn.Module):
         return self.model(x)
 
 
-def test_out_of_memory_halves_the_batch_carries_on_and_says_so_once(tiny_bundle, caplog):
-    engine = Engine(load_bundle(tiny_bundle), torch.device("cpu"), precision="fp32")
-    pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (16, 64, 64, 3), dtype=np.uint8))
+def _trained_like(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` in eval mode with batch-norm statistics and affines far from their init (as after training)."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            for t, lo, hi in ((m.running_mean, -1, 1), (m.running_var, 0.2, 3), (m.weight.data, 0.5, 2),
+                              (m.bias.data, -1, 1)):
+                t.copy_(torch.empty(t.shape).uniform_(lo, hi, generator=g))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def varied_bundle(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """`tiny_bundle`'s shape with outputs that differ between images and classes.
+
+    A random-init network in eval mode gives 0.5 for every image (its logits
+    are ~1e-9), so a test comparing probabilities on it could not see rows
+    swapped or pixels read before they landed.
+    """
+    torch.manual_seed(0)
+    model = torchvision.models.get_model("mobilenet_v3_small", num_classes=4)
+    for m in model.modules():  # batch-norm statistics of these images, as training leaves them
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+    with torch.no_grad():
+        model.train()(Normaliser(Preprocess(size=64), torch.device("cpu"))(_pixels(9, 64)))
+    torch.nn.init.normal_(model.eval().classifier[-1].weight, std=1.0)
+    out = tmp_path_factory.mktemp("varied") / "bundle"
+    save_bundle(str(out), name="varied", arch="mobilenet_v3_small", classes=["a", "b", "c", "d"],
+                thresholds=[0.5] * 4, state_dict=model.state_dict(), preprocess=Preprocess(size=64, resize_size=72))
+    return str(out)
+
+
+def _pixels(seed: int, n: int) -> torch.Tensor:
+    """Noise around a colour of each image's own: pooled features (and so outputs) differ between images."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (n, 1, 1, 3))
+    return torch.from_numpy(np.clip(base + rng.integers(-40, 41, (n, 64, 64, 3)), 0, 255).astype(np.uint8))
+
+
+def _varies(probs: np.ndarray) -> bool:
+    return bool(np.ptp(probs, axis=0).min() > 0.05)
+
+
+def test_out_of_memory_halves_the_batch_carries_on_and_says_so_once(varied_bundle, caplog):
+    engine = Engine(load_bundle(varied_bundle), torch.device("cpu"), precision="fp32")
+    pixels = _pixels(0, 16)
     expected = np.concatenate([engine.probs(pixels[i:i + 4]) for i in range(0, 16, 4)])
+    assert _varies(expected)  # a swapped or repeated part would show
     engine.model = limited = _Limited(engine.model, limit=4)
     with caplog.at_level(logging.WARNING, logger="mlcls.tag.engine"):
         got = engine.probs(pixels)
@@ -67,17 +113,6 @@ def test_out_of_memory_halves_the_batch_carries_on_and_says_so_once(tiny_bundle,
     assert set(limited.calls[3:]) == {4}
     warnings = [r for r in caplog.records if "out of memory" in r.getMessage()]
     assert len(warnings) == 1 and "batches of 8" in warnings[0].getMessage()
-
-
-def _trained_like(model: torch.nn.Module) -> torch.nn.Module:
-    """`model` in eval mode with batch-norm statistics and affines far from their init (as after training)."""
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            for t, lo, hi in ((m.running_mean, -1, 1), (m.running_var, 0.2, 3), (m.weight.data, 0.5, 2),
-                              (m.bias.data, -1, 1)):
-                t.copy_(torch.empty(t.shape).uniform_(lo, hi, generator=g))
-    return model.eval()
 
 
 def test_batch_norm_is_folded_into_the_convolutions_with_the_same_outputs():
@@ -129,11 +164,13 @@ def test_out_of_memory_with_one_image_is_raised(tiny_bundle):
         engine.probs(torch.zeros((2, 64, 64, 3), dtype=torch.uint8))
 
 
-def test_submit_returns_what_probs_returns(tiny_bundle):
-    engine = Engine(load_bundle(tiny_bundle), torch.device("cpu"), precision="fp32")
-    pixels = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8))
+def test_submit_returns_what_probs_returns(varied_bundle):
+    engine = Engine(load_bundle(varied_bundle), torch.device("cpu"), precision="fp32")
+    pixels = _pixels(1, 5)
     pending = engine.submit(pixels)
-    np.testing.assert_array_equal(pending.result(), engine.probs(pixels))
+    got = pending.result()
+    assert _varies(got)
+    np.testing.assert_array_equal(got, engine.probs(pixels))
     assert engine.submit(pixels[:0]).result().shape == (0, 4)
 
 
@@ -193,15 +230,17 @@ def test_compile_cache_lives_under_the_users_cache(monkeypatch, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_streams_give_the_cpu_probabilities(tiny_bundle):
-    bundle = load_bundle(tiny_bundle)
+def test_cuda_streams_give_the_cpu_probabilities(varied_bundle, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 convolutions, as on the CPU
+    bundle = load_bundle(varied_bundle)
     cpu = Engine(bundle, torch.device("cpu"), precision="fp32")
     cuda = Engine(bundle, torch.device("cuda"), precision="fp32")
-    rng = np.random.default_rng(2)
-    batches = [torch.from_numpy(rng.integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)) for _ in range(4)]
+    batches = [_pixels(2 + k, 8) for k in range(4)]
+    expected = [cpu.probs(b) for b in batches]
+    assert all(_varies(e) for e in expected)
     pending = [cuda.submit(b.pin_memory()) for b in batches]  # all in flight before the first wait
-    for b, p in zip(batches, pending, strict=True):
-        np.testing.assert_allclose(p.result(), cpu.probs(b), atol=1e-4)
+    for e, p in zip(expected, pending, strict=True):
+        np.testing.assert_allclose(p.result(), e, atol=1e-4)
 
 
 def test_default_decode_workers_use_the_cores():
