@@ -56,6 +56,12 @@ $python -c "from nvidia import nvimgcodec; print('nvimgcodec', nvimgcodec.__vers
     || log "no nvImageCodec: the GPU rows use torchvision's nvJPEG fallback"
 $python -c "import torch; from nvidia import nvimgcodec; from mlcls.images.gpu import decodes_jpeg_on_gpu as g
 print('nvimgcodec decodes on the GPU:', g(nvimgcodec, torch.device('cuda')))" >> "$OUT/machine.txt" 2>&1
+# the hardware JPEG engine alone: under gVisor, or without the container's video capability, nvImageCodec
+# falls back to its CUDA decoders and the line above still says True
+$python -c "from nvidia import nvimgcodec as n; from mlcls.images.gpu import probe_jpeg
+d = n.Decoder(device_id=0, backends=[n.Backend(n.BackendKind.HW_GPU_ONLY)])
+print('hardware JPEG engine decodes:', d.decode([probe_jpeg(256)])[0] is not None)" >> "$OUT/machine.txt" 2>&1
+df -h /dev/shm >> "$OUT/machine.txt" 2>&1  # the DataLoader variant moves batches through it
 
 common=(--arch "$arch" --batch-size "$batch" --device "$device" --workers "$workers" --iters "$iters"
         --results "$RESULTS")

@@ -171,21 +171,46 @@ def child_decode(a: argparse.Namespace) -> dict:
 
 
 def simulate_device(ms: float) -> None:
-    """Replace the model by a stand-in that takes `ms` per batch and leaves the CPU free (it sleeps).
+    """Replace the model by a stand-in that takes `ms` per batch and leaves the CPU free.
 
     With it, end to end can be compared with min(stand-in rate, decode rate):
     a pipeline that overlaps reading, decoding and compute reaches that
-    minimum; one that serialises them does not, on any machine.
+    minimum; one that serialises them does not, on any machine. On a CPU the
+    stand-in sleeps; on CUDA it spins the GPU for `ms` on the stream the
+    forward pass runs on (`torch.cuda._sleep`, its cycles per ms measured
+    once), so the host is as free as with a real model's queued kernels.
     """
     import torch
 
     from mlcls.tag.engine import Engine
 
+    cycles_per_ms: list[float] = []
+
     def logits(self: Engine, pixels: torch.Tensor) -> torch.Tensor:
-        time.sleep(ms / 1000)
-        return torch.zeros((pixels.shape[0], len(self.bundle.classes)))
+        if pixels.is_cuda:
+            if not cycles_per_ms:
+                cycles_per_ms.append(gpu_cycles_per_ms(pixels.device))
+            torch.cuda._sleep(int(ms * cycles_per_ms[0]))
+        else:
+            time.sleep(ms / 1000)
+        return torch.zeros((pixels.shape[0], len(self.bundle.classes)), device=pixels.device)
 
     Engine.logits = logits
+
+
+def gpu_cycles_per_ms(device) -> float:
+    """How many `torch.cuda._sleep` cycles take a millisecond on `device` (timed with CUDA events)."""
+    import torch
+
+    cycles = 10_000_000
+    with torch.cuda.device(device):
+        torch.cuda._sleep(cycles)  # clocks up
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        end.synchronize()
+        return cycles / start.elapsed_time(end)
 
 
 def child_mlcls(a: argparse.Namespace) -> dict:
@@ -289,7 +314,9 @@ def child_baseline(a: argparse.Namespace) -> dict:
 
 
 def child_nvjpeg(a: argparse.Namespace) -> dict:
-    """Where GPU decoding spends its time: nvJPEG itself, then resize and crop."""
+    """Where GPU decoding spends its time, JPEGs already in memory: the pipeline's decoder (nvImageCodec
+    where installed, size-grouped resizes) for the row; torchvision's `decode_jpeg` beside it, split into
+    decode and a resize per image."""
     import glob
 
     import torch
@@ -301,17 +328,25 @@ def child_nvjpeg(a: argparse.Namespace) -> dict:
     device = torch.device("cuda")
     decoder = GpuJpegDecoder(load_bundle(a.bundle).preprocess, device)
     paths = sorted(glob.glob(os.path.join(a.corpus, "*.jpg")))[:2048]
-    tensors = []
+    datas = []
     for path in paths:
         with open(path, "rb") as f:
-            tensors.append(torch.frombuffer(bytearray(f.read()), dtype=torch.uint8))
+            datas.append(f.read())
     bs = a.batch_size
+    batches = [datas[i:i + bs] for i in range(0, len(datas), bs)]
+    decoder.decode(batches[0])  # warm-up
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    failed = sum(img is None for batch in batches for img in decoder.decode(batch))
+    torch.cuda.synchronize()
+    t_pipeline = time.perf_counter() - t
+
+    tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
     decode_jpeg(tensors[:bs], mode=ImageReadMode.RGB, device=device)
     torch.cuda.synchronize()
     t = time.perf_counter()
-    decoded = []
-    for i in range(0, len(tensors), bs):
-        decoded.append(decode_jpeg(tensors[i:i + bs], mode=ImageReadMode.RGB, device=device))
+    decoded = [decode_jpeg(tensors[i:i + bs], mode=ImageReadMode.RGB, device=device)
+               for i in range(0, len(tensors), bs)]
     torch.cuda.synchronize()
     t_decode = time.perf_counter() - t
     megapixels = sum(img.shape[1] * img.shape[2] for batch in decoded for img in batch) / 1e6
@@ -320,8 +355,8 @@ def child_nvjpeg(a: argparse.Namespace) -> dict:
         torch.stack([decoder.resize_crop(img) for img in batch])
     torch.cuda.synchronize()
     t_resize = time.perf_counter() - t
-    return {"images": len(tensors), "seconds": t_decode + t_resize, "decode_s": t_decode, "resize_s": t_resize,
-            "megapixels": megapixels}
+    return {"images": len(datas), "seconds": t_pipeline, "backend": decoder.backend, "failed": failed,
+            "torchvision_decode_s": t_decode, "torchvision_resize_s": t_resize, "megapixels": megapixels}
 
 
 CHILDREN = {"nvjpeg": child_nvjpeg, "model": child_model, "decode": child_decode, "mlcls": child_mlcls,
@@ -483,7 +518,7 @@ def measure(a: argparse.Namespace, common: dict, corpus: str, bundle: str,
                          run_child("decode", bundle=bundle, corpus=corpus, batch_size=a.batch_size,
                                    workers=workers, draft=draft, device=a.device)))
         if "gpu-decode" in a.variants and a.device != "cpu":  # nvJPEG alone, on CUDA only
-            rows.append(("nvJPEG decode + GPU resize only (2048 JPEGs in memory)",
+            rows.append(("GPU decode + resize only, the pipeline's decoder (2048 JPEGs in memory)",
                          run_child("nvjpeg", bundle=bundle, corpus=corpus, batch_size=a.batch_size)))
             rows.append((f"decode+preprocess on the GPU (nvJPEG), {workers} workers for the rest",
                          run_child("decode", bundle=bundle, corpus=corpus, batch_size=a.batch_size,
