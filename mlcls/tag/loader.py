@@ -213,11 +213,9 @@ class Loader:
 
     def _collate(self, chunk: list[tuple[FileRecord, Decoded]]) -> ImageBatch:
         decoded = [d for _, d in chunk]
-        pixels = torch.from_numpy(stack_pixels(decoded, self.preprocess.size))  # the batch owns the pixels now:
+        pixels = stack_pixels(decoded, self.preprocess.size, pin=self.pin_memory)  # the batch owns the pixels now:
         for d in decoded:  # ring slots get reused, memory stays bounded
             d.slot = None
-        if self.pin_memory:
-            pixels = pixels.pin_memory()
         return _image_batch([r for r, _ in chunk], decoded, pixels)
 
     def device_pixels(self, batch: ImageBatch, device: torch.device) -> tuple[list[int], torch.Tensor]:
@@ -261,15 +259,23 @@ class _ShardBatches(torch.utils.data.IterableDataset):
                 continue
             chunk = self.records[start:start + self.batch_size]
             decoded = load_chunk([r.uri for r in chunk], self.config, None, 0, [r.size for r in chunk])
-            yield start, torch.from_numpy(stack_pixels(decoded, self.size)), decoded
+            yield start, stack_pixels(decoded, self.size), decoded
 
 
-def stack_pixels(decoded: list[Decoded], size: int) -> np.ndarray:
-    """The CPU-decoded images of a batch stacked as (n, size, size, 3) uint8; their `pixels` are let go."""
+def stack_pixels(decoded: list[Decoded], size: int, *, pin: bool = False) -> torch.Tensor:
+    """The CPU-decoded images of a batch stacked as (n, size, size, 3) uint8; their `pixels` are let go.
+
+    `pin`: stacked straight into page-locked memory, for an asynchronous copy
+    to a GPU; pinning a stacked batch would copy it once more (~38 MB a
+    batch of 256 at 224 px, on the thread that feeds the GPU).
+    """
     ok = [d.pixels for d in decoded if d.pixels is not None]
     for d in decoded:
         d.pixels = None
-    return np.stack(ok) if ok else np.empty((0, size, size, 3), np.uint8)
+    out = torch.empty((len(ok), size, size, 3), dtype=torch.uint8, pin_memory=pin and bool(ok))
+    if ok:
+        np.stack(ok, out=out.numpy())
+    return out
 
 
 def _image_batch(records: list[FileRecord], decoded: list[Decoded], pixels: torch.Tensor) -> ImageBatch:
