@@ -98,17 +98,23 @@ class FirstBatchClock:
 
     def __init__(self) -> None:
         self.t0: float | None = None
+        self.cpu0 = 0.0
         self.images = 0
 
     def tick(self, n: int) -> None:
         if self.t0 is None:
-            self.t0 = time.perf_counter()
+            self.t0, self.cpu0 = time.perf_counter(), time.process_time()
         else:
             self.images += n
 
     def rate(self) -> tuple[int, float]:
         seconds = time.perf_counter() - (self.t0 or time.perf_counter())
         return self.images, seconds
+
+    def main_cpu_us(self) -> float:
+        """CPU time of this process (all its threads, not its workers) per image since the clock started:
+        on a GPU box the process that feeds the device is the one that can run out of cores."""
+        return (time.process_time() - self.cpu0) / max(1, self.images) * 1e6
 
 
 # Batches run before the model-only clock starts: with freed blocks kept (`mlcls.allocator`) the heap grows over
@@ -167,7 +173,7 @@ def child_decode(a: argparse.Namespace) -> dict:
         errors += len(batch.records) - len(order)
         clock.tick(len(batch.records))
     images, seconds = clock.rate()
-    return {"images": images, "seconds": seconds, "errors": errors}
+    return {"images": images, "seconds": seconds, "errors": errors, "main_cpu_us": clock.main_cpu_us()}
 
 
 def simulate_device(ms: float) -> None:
@@ -240,7 +246,7 @@ def child_mlcls(a: argparse.Namespace) -> dict:
     unsubscribe()
     images, seconds = clock.rate()
     return {"images": images, "seconds": seconds, "startup": time.perf_counter() - t - seconds,
-            "errors": errors, "total": total, "table": table}
+            "errors": errors, "total": total, "table": table, "main_cpu_us": clock.main_cpu_us()}
 
 
 def has_table_layer() -> bool:
@@ -629,16 +635,18 @@ def report(a: argparse.Namespace, info: dict, rows: list[tuple[str, dict]], extr
     rate = {name: r.get("rate", 0.0) for name, r in rows}
     base = next((v for k, v in rate.items() if k.startswith("baseline")), 0.0)
     model = next((v for k, v in rate.items() if k.startswith("model only, channels_last")), 0.0)
-    lines = ["| measurement | images/s | × baseline | × model-only (channels_last) | start-up s | peak RSS MB |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| measurement | images/s | × baseline | × model-only (channels_last) | start-up s | peak RSS MB "
+             "| main process CPU µs/image |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, r in rows:
         if "error" in r:
-            lines.append(f"| {name} | failed: {r['error'][:80]} | | | | |")
+            lines.append(f"| {name} | failed: {r['error'][:80]} | | | | | |")
             continue
         x_base = f"{r['rate'] / base:.2f}" if base else ""
         x_model = f"{r['rate'] / model:.2f}" if model else ""
         startup = f"{r['startup']:.1f}" if "startup" in r else ""
-        lines.append(f"| {name} | {r['rate']:.1f} | {x_base} | {x_model} | {startup} | {r['peak_rss_mb']:.0f} |")
+        cpu = f"{r['main_cpu_us']:.0f}" if "main_cpu_us" in r else ""
+        lines.append(f"| {name} | {r['rate']:.1f} | {x_base} | {x_model} | {startup} | {r['peak_rss_mb']:.0f} "
+                     f"| {cpu} |")
     for k, v in extra.items():
         lines.append(f"\n{k}: {v:.2e}" if k.startswith("max |p") else f"\n{k}: {v:.2f}")
     if any(r.get("table") is False for _, r in rows):
