@@ -224,17 +224,18 @@ class Loader:
         GPU-decodes the batch's JPEGs (`GpuJpegDecoder.decode_or_fallback`: one the GPU
         cannot decode goes through the CPU path, which gives it pixels or its error row).
         """
-        order = list(batch.ok)
-        parts = [batch.pixels.to(device, non_blocking=True)] if batch.ok else []
-        if batch.gpu:
+        decoded_order, decoded_parts = [], []
+        if batch.gpu:  # first: the GPU decode waits for the stream's queued work, this batch's copy not among it
             assert self.gpu_decoder is not None
             done = self.gpu_decoder.decode_or_fallback([batch.decoded[i] for i in batch.gpu],
                                                        replace(self.config, gpu_share=0.0))
             for i, (decoded, img) in zip(batch.gpu, done, strict=True):
                 batch.decoded[i] = decoded
                 if img is not None:
-                    parts.append(img[None])
-                    order.append(i)
+                    decoded_parts.append(img[None])
+                    decoded_order.append(i)
+        order = list(batch.ok) + decoded_order
+        parts = ([batch.pixels.to(device, non_blocking=True)] if batch.ok else []) + decoded_parts
         if not parts:
             size = self.preprocess.size
             return [], torch.empty((0, size, size, 3), dtype=torch.uint8, device=device)
