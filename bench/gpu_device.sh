@@ -9,8 +9,8 @@
 # The device machine has Python 3.12, torch 2.11 with CUDA 13, no registry and no Prefect, polars or deltalake;
 # at most 64 MiB travels with a call (deltalake alone is 52 MB, so the mlcls rows tag Parquet parts without the
 # table there: bench/throughput.py's tag_parts_only). Only nvImageCodec's wheel (~25 MB) and libnvjpeg's (~4 MB,
-# CUDA 13.0 as torch's; without it nvImageCodec registers no GPU JPEG decoder and decodes on the CPU) are carried. Each step has its own
-# timeout, so one slow step leaves the others' rows; the whole run is sized for about 8 minutes.
+# CUDA 13.0 as torch's; without it nvImageCodec registers no GPU JPEG decoder and decodes on the CPU) are carried.
+# Each step has its own timeout, so one slow step leaves the others' rows; the whole run is sized for about 8 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-run}
