@@ -58,7 +58,8 @@ class Decoded:
     height: int | None = None
     error: str | None = None
     jpeg: bytes | None = None
-    slot: int | None = None  # where a decode process left the pixels (see `mlcls.tag.loader`)
+    slot: int | None = None  # where a decode process left the pixels or JPEG bytes (see `mlcls.images.load`)
+    ring_bytes: int | None = None  # the length of the JPEG bytes in `slot`, if it holds bytes
 
 
 def open_rgb(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,

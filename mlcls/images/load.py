@@ -40,17 +40,35 @@ _RINGS: dict[int, np.ndarray] = {}
 _RING_IDS = itertools.count()
 
 
-def new_ring(images: int, size: int) -> tuple[int, np.ndarray]:
-    """A shared-memory ring of `images` pixel slots, made before the decode processes fork.
+JPEG_SLOT_BYTES = 256 * 1024  # a ring slot's room for a JPEG left to the GPU: most photos of ~500 px fit
 
-    Workers write pixels into their slots and send back only metadata: no
-    pixel crosses a pipe, which is what limits a process pool at a few
-    thousand images a second otherwise (bench/RESULTS.md).
+
+def new_ring(images: int, size: int, jpeg_bytes: int = 0) -> tuple[int, np.ndarray]:
+    """A shared-memory ring of `images` slots, made before the decode processes fork; (images, bytes) uint8.
+
+    Workers write a slot and send back only metadata: a decoded image's
+    pixels (`ring_pixels`), or the bytes of a JPEG left for the GPU when
+    they fit in `jpeg_bytes` (`ring_jpeg`). No pixel or JPEG body crosses
+    a pipe: moving them through one costs the receiving process ~120 µs of
+    CPU per 110 KB JPEG, most of a process's budget at 8,000 images/s
+    (bench/RESULTS.md, issue 11).
     """
     ring_id = next(_RING_IDS)
-    buf = mmap.mmap(-1, images * size * size * 3)  # anonymous and shared: forked children see it
-    _RINGS[ring_id] = np.frombuffer(buf, dtype=np.uint8).reshape(images, size, size, 3)
+    slot = max(size * size * 3, jpeg_bytes)
+    buf = mmap.mmap(-1, images * slot)  # anonymous and shared: forked children see it
+    _RINGS[ring_id] = np.frombuffer(buf, dtype=np.uint8).reshape(images, slot)
     return ring_id, _RINGS[ring_id]
+
+
+def ring_pixels(ring: np.ndarray, slot: int, size: int) -> np.ndarray:
+    """The (size, size, 3) pixels in a ring slot, as a view."""
+    return ring[slot, :size * size * 3].reshape(size, size, 3)
+
+
+def ring_jpeg(ring: np.ndarray, d: Decoded) -> bytes:
+    """The JPEG bytes a worker left in `d`'s slot, copied out: the slot is reused later."""
+    assert d.slot is not None and d.ring_bytes is not None
+    return ring[d.slot, :d.ring_bytes].tobytes()
 
 
 def read_error(err: BaseException) -> Decoded:
@@ -79,15 +97,22 @@ def load_chunk(uris: Sequence[str], cfg: LoadConfig, ring: int | None = None, fi
 
     `sizes` are the listed sizes, if known: a body shorter than that is read
     again, never decoded as a truncated image. With `ring`, file k's pixels
-    go to slot `first_slot + k` of that ring.
+    (or JPEG bytes, see `new_ring`) go to slot `first_slot + k` of that ring.
     """
     results = []
     for k, (uri, item) in enumerate(zip(uris, read_many(uris, cfg.storage_options, sizes), strict=True)):
         d = read_error(item) if isinstance(item, BaseException) else decode_one(item, cfg, uri)
-        if ring is not None and d.pixels is not None:
-            slots = _RINGS[ring]
-            d.slot = (first_slot + k) % len(slots)
-            slots[d.slot] = d.pixels
-            d.pixels = None
+        if ring is not None:
+            _to_ring(d, _RINGS[ring], (first_slot + k) % len(_RINGS[ring]))
         results.append(d)
     return results
+
+
+def _to_ring(d: Decoded, slots: np.ndarray, slot: int) -> None:
+    """Move `d`'s pixels, or its JPEG bytes if they fit, into ring slot `slot`."""
+    if d.pixels is not None:
+        slots[slot, :d.pixels.size] = d.pixels.reshape(-1)
+        d.slot, d.pixels = slot, None
+    elif d.jpeg is not None and len(d.jpeg) <= slots.shape[1]:
+        slots[slot, :len(d.jpeg)] = np.frombuffer(d.jpeg, dtype=np.uint8)
+        d.slot, d.ring_bytes, d.jpeg = slot, len(d.jpeg), None

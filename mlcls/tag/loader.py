@@ -10,7 +10,8 @@ Three ways to run the workers; by default chosen by how many there are
 - processes, for many workers (a GPU box with 16 cores): Python's share of
   each decode holds the GIL, so threads stop scaling at a few hundred images
   a second (measured in bench/RESULTS.md); processes each read and decode
-  chunks of files and send back pixels. They are forked, as torch's
+  chunks of files and leave the pixels (or, on a GPU run, a JPEG's bytes)
+  in a shared-memory ring, sending back only where. They are forked, as torch's
   DataLoader does on Linux: a forkserver or spawned worker re-runs the
   caller's main module and starts in seconds, not milliseconds. The pool is
   started with the Loader, so its start-up is not paid inside a shard;
@@ -44,7 +45,16 @@ import torch
 from mlcls.allocator import keep_freed_memory
 from mlcls.images.decode import Decoded
 from mlcls.images.gpu import GpuJpegDecoder
-from mlcls.images.load import LoadConfig, decode_one, load_chunk, new_ring, read_error
+from mlcls.images.load import (
+    JPEG_SLOT_BYTES,
+    LoadConfig,
+    decode_one,
+    load_chunk,
+    new_ring,
+    read_error,
+    ring_jpeg,
+    ring_pixels,
+)
 from mlcls.images.preprocess import Preprocess
 from mlcls.sources import FileRecord
 from mlcls.storage import StorageOptions, read_one
@@ -116,7 +126,8 @@ class Loader:
         self.decode_clock = StageClock()  # decode time per image in threads mode (`threads.ThreadBalance`)
         self._pool: Executor
         if self.processes:
-            self._ring_id, self._ring = new_ring(ring_images, preprocess.size)
+            jpeg_bytes = JPEG_SLOT_BYTES if self.config.gpu_share > 0 else 0
+            self._ring_id, self._ring = new_ring(ring_images, preprocess.size, jpeg_bytes)
             self._pool = ProcessPoolExecutor(max_workers=decode_workers, mp_context=_context())
             for f in [self._pool.submit(_ready) for _ in range(decode_workers)]:
                 f.result()
@@ -172,8 +183,10 @@ class Loader:
                      for batch in _chunked(records, chunk))
             for batch, decoded in _in_order(tasks, max(1, window // chunk)):
                 for d in decoded:
-                    if d.slot is not None:
-                        d.pixels = self._ring[d.slot]
+                    if d.ring_bytes is not None:  # a JPEG for the GPU: copied out now, its slot is free
+                        d.jpeg, d.slot, d.ring_bytes = ring_jpeg(self._ring, d), None, None
+                    elif d.slot is not None:
+                        d.pixels = ring_pixels(self._ring, d.slot, self.preprocess.size)
                 yield from zip(batch, decoded, strict=True)
         else:
             tasks = ((r, self._pool.submit(self.load, r)) for r in records)

@@ -24,13 +24,14 @@ def photo(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return np.clip(arr + rng.normal(0, 4, (h, w, 3)), 0, 255).astype(np.uint8)
 
 
-def write_images(folder: Path, n: int, seed: int = 0, prefix: str = "img") -> list[Path]:
-    """`n` small seeded JPEGs of varied sizes."""
+def write_images(folder: Path, n: int, seed: int = 0, prefix: str = "img",
+                 side: tuple[int, int] = (60, 200)) -> list[Path]:
+    """`n` small seeded JPEGs of varied sizes, each side in [side[0], side[1])."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(n):
-        h, w = int(rng.integers(60, 200)), int(rng.integers(60, 200))
+        h, w = int(rng.integers(*side)), int(rng.integers(*side))
         p = folder / f"{prefix}{i:04d}.jpg"
         p.write_bytes(jpeg_bytes(photo(rng, h, w)))
         paths.append(p)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mlcls.images.load import ring_jpeg
 from mlcls.images.preprocess import Preprocess
 from mlcls.sources import iter_source
 from mlcls.tag.loader import Loader
@@ -59,3 +60,32 @@ def test_every_pool_is_an_option(pool):
     from mlcls.tag.job import TagOptions
 
     assert TagOptions(decode_pool=pool).validate().decode_pool == pool
+
+
+def test_processes_hand_jpegs_for_the_gpu_back_through_the_ring_intact(tmp_path, monkeypatch):
+    """JPEGs left for the GPU come back byte for byte, through ring slots (those that fit) or the pipe (larger
+    ones), while a small ring is reused many times over; the bad files keep their error rows."""
+    import mlcls.tag.loader as loader_module
+    from mlcls.images.gpu import GpuJpegDecoder
+
+    paths = write_images(tmp_path, 30) + write_images(tmp_path, 10, seed=1, prefix="big", side=(300, 500))
+    bad_input_catalogue(tmp_path)
+    room = 64 * 64 * 3 + 1000  # a slot holds a 64 px image's pixels; only the big JPEGs are larger
+    assert sum(p.stat().st_size > room for p in paths) == 10
+    monkeypatch.setattr(loader_module, "JPEG_SLOT_BYTES", room)
+    copied = []
+    monkeypatch.setattr(loader_module, "ring_jpeg", lambda ring, d: copied.append(d.slot) or ring_jpeg(ring, d))
+    loader = Loader(PRE, decode_workers=2, processes=True, ring_images=12, max_pixels=10_000_000,
+                    gpu_decoder=GpuJpegDecoder(PRE, torch.device("cpu"), backend="torchvision"))
+    records = sorted(iter_source(str(tmp_path)), key=lambda r: r.uri)
+    batches = list(loader.batches(records, 5))
+    loader.close()
+    decoded = {r.uri: d for b in batches for r, d in zip(b.records, b.decoded, strict=True)}
+    assert len(decoded) == len(records)
+    for p in paths:
+        d = decoded[str(p)]
+        assert d.jpeg == p.read_bytes() and d.error is None and d.slot is None and d.ring_bytes is None
+    for_gpu = [d for d in decoded.values() if d.jpeg is not None]  # the catalogue's plain JPEGs too
+    assert len(copied) == sum(len(d.jpeg) <= room for d in for_gpu) == len(for_gpu) - 10
+    assert len(set(copied)) == 12  # every slot used, most of them more than once
+    assert sum(d.error is not None for d in decoded.values()) >= 5
