@@ -2,6 +2,7 @@
 
     python bench/transport.py                      # this checkout, ImageNet-like JPEGs, 1 decode process
     python bench/transport.py --root ../base       # the same from another checkout (an A/B: run both)
+    python bench/transport.py --corpus-kind mixed  # 320-1600 px, some PNG (decoded in the workers)
 
 On a GPU box one process reads the decode processes' results, decodes JPEGs
 on the GPU and drives the model: at 8,000 images/s it has 125 µs of CPU an
@@ -27,6 +28,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default=os.path.dirname(HERE), help="the checkout whose mlcls is measured")
     ap.add_argument("--images", type=int, default=1000)
+    ap.add_argument("--corpus-kind", default="imagenet", choices=["imagenet", "mixed"])
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--passes", type=int, default=5)
     ap.add_argument("--modes", nargs="+", default=["bytes", "pixels"], choices=["bytes", "pixels"])
@@ -40,7 +42,9 @@ def main() -> None:
     from mlcls.sources import FileRecord
     from mlcls.tag.loader import Loader
 
-    paths = build_corpus(f"/tmp/mlcls-bench/corpus-imagenet-{a.images}", a.images, kind="imagenet")
+    folder = f"/tmp/mlcls-bench/corpus-{a.images}" if a.corpus_kind == "mixed" else \
+        f"/tmp/mlcls-bench/corpus-imagenet-{a.images}"  # the folders bench/throughput.py builds
+    paths = build_corpus(folder, a.images, kind=a.corpus_kind)
     records = [FileRecord(uri=p, size=os.path.getsize(p)) for p in paths]
     pre = Preprocess()
     for mode in a.modes:
@@ -53,11 +57,13 @@ def main() -> None:
                 n += len(batch.records)
             rows.append(((time.process_time() - cpu) / n * 1e6, (time.thread_time() - main) / n * 1e6,
                          n / (time.perf_counter() - wall)))
-        loader.close()
+        try:
+            loader.close(wait=True)
+        except TypeError:  # a checkout from before `close(wait=)`
+            loader._pool.shutdown(wait=True, cancel_futures=True)
         med = [statistics.median(r[k] for r in rows[1:]) for k in range(3)]
-        print(f"{a.root} {mode}: feeding process CPU {med[0]:.0f} µs/image (main thread {med[1]:.0f}), "
+        print(f"{a.root} {a.corpus_kind} {mode}: feeding process CPU {med[0]:.0f} µs/image (main thread {med[1]:.0f}), "
               f"{med[2]:.0f} images/s with {a.workers} decode process(es)", flush=True)
-    os._exit(0)  # the pool's exit hook would write to pipes already closed
 
 
 if __name__ == "__main__":

@@ -58,8 +58,9 @@ class Decoded:
     height: int | None = None
     error: str | None = None
     jpeg: bytes | None = None
-    slot: int | None = None  # where a decode process left the pixels or JPEG bytes (see `mlcls.images.load`)
-    ring_bytes: int | None = None  # the length of the JPEG bytes in `slot`, if it holds bytes
+    slot: int | None = None  # where a decode process left the pixels (see `mlcls.tag.loader`)
+    jpeg_at: int | None = None  # where a decode process left `jpeg` in the arena (`mlcls.images.arena`)...
+    jpeg_len: int | None = None  # ...and its length
 
 
 def open_rgb(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from mlcls.images.arena import arena_buffer
 from mlcls.images.decode import DEFAULT_MAX_PIXELS, Decoded, plain_jpeg_size, prepare
 from mlcls.images.preprocess import Preprocess
 from mlcls.storage import describe_os_error, read_many
@@ -40,35 +41,17 @@ _RINGS: dict[int, np.ndarray] = {}
 _RING_IDS = itertools.count()
 
 
-JPEG_SLOT_BYTES = 256 * 1024  # a ring slot's room for a JPEG left to the GPU: most photos of ~500 px fit
+def new_ring(images: int, size: int) -> tuple[int, np.ndarray]:
+    """A shared-memory ring of `images` pixel slots, made before the decode processes fork.
 
-
-def new_ring(images: int, size: int, jpeg_bytes: int = 0) -> tuple[int, np.ndarray]:
-    """A shared-memory ring of `images` slots, made before the decode processes fork; (images, bytes) uint8.
-
-    Workers write a slot and send back only metadata: a decoded image's
-    pixels (`ring_pixels`), or the bytes of a JPEG left for the GPU when
-    they fit in `jpeg_bytes` (`ring_jpeg`). No pixel or JPEG body crosses
-    a pipe: moving them through one costs the receiving process ~120 µs of
-    CPU per 110 KB JPEG, most of a process's budget at 8,000 images/s
-    (bench/RESULTS.md, issue 11).
+    Workers write pixels into their slots and send back only metadata: no
+    pixel crosses a pipe, which is what limits a process pool at a few
+    thousand images a second otherwise (bench/RESULTS.md).
     """
     ring_id = next(_RING_IDS)
-    slot = max(size * size * 3, jpeg_bytes)
-    buf = mmap.mmap(-1, images * slot)  # anonymous and shared: forked children see it
-    _RINGS[ring_id] = np.frombuffer(buf, dtype=np.uint8).reshape(images, slot)
+    buf = mmap.mmap(-1, images * size * size * 3)  # anonymous and shared: forked children see it
+    _RINGS[ring_id] = np.frombuffer(buf, dtype=np.uint8).reshape(images, size, size, 3)
     return ring_id, _RINGS[ring_id]
-
-
-def ring_pixels(ring: np.ndarray, slot: int, size: int) -> np.ndarray:
-    """The (size, size, 3) pixels in a ring slot, as a view."""
-    return ring[slot, :size * size * 3].reshape(size, size, 3)
-
-
-def ring_jpeg(ring: np.ndarray, d: Decoded) -> bytes:
-    """The JPEG bytes a worker left in `d`'s slot, copied out: the slot is reused later."""
-    assert d.slot is not None and d.ring_bytes is not None
-    return ring[d.slot, :d.ring_bytes].tobytes()
 
 
 def read_error(err: BaseException) -> Decoded:
@@ -92,27 +75,26 @@ def decode_one(data: bytes, cfg: LoadConfig, key: str = "") -> Decoded:
 
 
 def load_chunk(uris: Sequence[str], cfg: LoadConfig, ring: int | None = None, first_slot: int = 0,
-               sizes: Sequence[int | None] | None = None) -> list[Decoded]:
+               sizes: Sequence[int | None] | None = None, arena: int | None = None,
+               spans: Sequence[tuple[int, int] | None] | None = None) -> list[Decoded]:
     """Read then decode a few files: the unit of work of a decode process.
 
     `sizes` are the listed sizes, if known: a body shorter than that is read
     again, never decoded as a truncated image. With `ring`, file k's pixels
-    (or JPEG bytes, see `new_ring`) go to slot `first_slot + k` of that ring.
+    go to slot `first_slot + k` of that ring; with `arena`, a JPEG left for
+    the GPU goes to file k's span there if it fits (`mlcls.images.arena`).
     """
     results = []
     for k, (uri, item) in enumerate(zip(uris, read_many(uris, cfg.storage_options, sizes), strict=True)):
         d = read_error(item) if isinstance(item, BaseException) else decode_one(item, cfg, uri)
-        if ring is not None:
-            _to_ring(d, _RINGS[ring], (first_slot + k) % len(_RINGS[ring]))
+        if ring is not None and d.pixels is not None:
+            slots = _RINGS[ring]
+            d.slot = (first_slot + k) % len(slots)
+            slots[d.slot] = d.pixels
+            d.pixels = None
+        span = spans[k] if spans else None
+        if arena is not None and span is not None and d.jpeg is not None and len(d.jpeg) <= span[1]:
+            arena_buffer(arena)[span[0]:span[0] + len(d.jpeg)] = np.frombuffer(d.jpeg, dtype=np.uint8)
+            d.jpeg, d.jpeg_at, d.jpeg_len = None, span[0], len(d.jpeg)
         results.append(d)
     return results
-
-
-def _to_ring(d: Decoded, slots: np.ndarray, slot: int) -> None:
-    """Move `d`'s pixels, or its JPEG bytes if they fit, into ring slot `slot`."""
-    if d.pixels is not None:
-        slots[slot, :d.pixels.size] = d.pixels.reshape(-1)
-        d.slot, d.pixels = slot, None
-    elif d.jpeg is not None and len(d.jpeg) <= slots.shape[1]:
-        slots[slot, :len(d.jpeg)] = np.frombuffer(d.jpeg, dtype=np.uint8)
-        d.slot, d.ring_bytes, d.jpeg = slot, len(d.jpeg), None

@@ -10,8 +10,8 @@ Three ways to run the workers; by default chosen by how many there are
 - processes, for many workers (a GPU box with 16 cores): Python's share of
   each decode holds the GIL, so threads stop scaling at a few hundred images
   a second (measured in bench/RESULTS.md); processes each read and decode
-  chunks of files and leave the pixels (or, on a GPU run, a JPEG's bytes)
-  in a shared-memory ring, sending back only where. They are forked, as torch's
+  chunks of files and leave the pixels in a shared-memory ring (a GPU run's
+  JPEG bodies in a shared arena), sending back only where. They are forked, as torch's
   DataLoader does on Linux: a forkserver or spawned worker re-runs the
   caller's main module and starts in seconds, not milliseconds. The pool is
   started with the Loader, so its start-up is not paid inside a shard;
@@ -34,7 +34,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from itertools import islice
@@ -43,18 +43,10 @@ import numpy as np
 import torch
 
 from mlcls.allocator import keep_freed_memory
+from mlcls.images.arena import ByteArena
 from mlcls.images.decode import Decoded
 from mlcls.images.gpu import GpuJpegDecoder
-from mlcls.images.load import (
-    JPEG_SLOT_BYTES,
-    LoadConfig,
-    decode_one,
-    load_chunk,
-    new_ring,
-    read_error,
-    ring_jpeg,
-    ring_pixels,
-)
+from mlcls.images.load import LoadConfig, decode_one, load_chunk, new_ring, read_error
 from mlcls.images.preprocess import Preprocess
 from mlcls.sources import FileRecord
 from mlcls.storage import StorageOptions, read_one
@@ -125,9 +117,10 @@ class Loader:
         self._pauses = 0
         self.decode_clock = StageClock()  # decode time per image in threads mode (`threads.ThreadBalance`)
         self._pool: Executor
+        self._stragglers: list[Future] = []  # tasks of a pass given up early that may still write ring or arena
         if self.processes:
-            jpeg_bytes = JPEG_SLOT_BYTES if self.config.gpu_share > 0 else 0
-            self._ring_id, self._ring = new_ring(ring_images, preprocess.size, jpeg_bytes)
+            self._ring_id, self._ring = new_ring(ring_images, preprocess.size)
+            self._arena = ByteArena() if self.config.gpu_share > 0 else None
             self._pool = ProcessPoolExecutor(max_workers=decode_workers, mp_context=_context())
             for f in [self._pool.submit(_ready) for _ in range(decode_workers)]:
                 f.result()
@@ -175,22 +168,40 @@ class Loader:
         pairs in flight beyond the image just yielded (see `batches`).
         """
         if self.processes:
-            window = max(1, min(window, len(self._ring) - held))
-            chunk = max(1, min(16, window // (4 * self.decode_workers) or 1))
-            starts = itertools.count(0, chunk)
-            tasks = ((batch, self._pool.submit(load_chunk, [r.uri for r in batch], self.config, self._ring_id,
-                                               next(starts) % len(self._ring), [r.size for r in batch]))
-                     for batch in _chunked(records, chunk))
-            for batch, decoded in _in_order(tasks, max(1, window // chunk)):
-                for d in decoded:
-                    if d.ring_bytes is not None:  # a JPEG for the GPU: copied out now, its slot is free
-                        d.jpeg, d.slot, d.ring_bytes = ring_jpeg(self._ring, d), None, None
-                    elif d.slot is not None:
-                        d.pixels = ring_pixels(self._ring, d.slot, self.preprocess.size)
-                yield from zip(batch, decoded, strict=True)
+            yield from self._from_processes(records, max(1, min(window, len(self._ring) - held)))
         else:
             tasks = ((r, self._pool.submit(self.load, r)) for r in records)
             yield from _in_order(tasks, window, pending)
+
+    def _from_processes(self, records: Iterable[FileRecord], window: int) -> Iterator[tuple[FileRecord, Decoded]]:
+        """`decoded` for the process pool: chunks of files, pixels in ring slots, JPEG bodies in arena spans."""
+        wait(self._stragglers)  # a pass given up early: its running tasks write slots and spans until they end
+        self._stragglers = []
+        if self._arena is not None:
+            self._arena.reset()
+        arena, chunk = self._arena, max(1, min(16, window // (4 * self.decode_workers) or 1))
+        starts = itertools.count(0, chunk)
+
+        def submit(batch: list[FileRecord]) -> tuple[tuple[list[FileRecord], list | None], Future]:
+            spans = [arena.take(r.size) for r in batch] if arena is not None else None
+            return (batch, spans), self._pool.submit(
+                load_chunk, [r.uri for r in batch], self.config, self._ring_id, next(starts) % len(self._ring),
+                [r.size for r in batch], arena and arena.id, spans)
+
+        pending: deque[tuple[object, Future]] = deque()
+        try:
+            for (batch, spans), decoded in _in_order(map(submit, _chunked(records, chunk)), max(1, window // chunk),
+                                                     pending):
+                for d in decoded:
+                    if d.jpeg_at is not None:  # copied out now: the span is free for the next files
+                        d.jpeg, d.jpeg_at, d.jpeg_len = arena.read(d.jpeg_at, d.jpeg_len), None, None
+                    elif d.slot is not None:
+                        d.pixels = self._ring[d.slot]
+                for _ in filter(None, spans or ()):
+                    arena.free_oldest()
+                yield from zip(batch, decoded, strict=True)
+        finally:  # given up early (an error, a cancelled shard): what already runs is waited for next pass
+            self._stragglers = [f for _, f in pending if not f.cancel()]
 
     def batches(self, records: Iterable[FileRecord], batch_size: int, prefetch: int = 3) -> Iterator[ImageBatch]:
         """Batches of `batch_size` records; decoding runs `prefetch` batches ahead."""
@@ -254,8 +265,9 @@ class Loader:
             return [], torch.empty((0, size, size, 3), dtype=torch.uint8, device=device)
         return order, torch.cat(parts)
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+    def close(self, wait: bool = False) -> None:
+        """Stop the workers; `wait` for them to exit (a process about to end: else the pool's exit hook fails)."""
+        self._pool.shutdown(wait=wait, cancel_futures=True)
 
 
 class _ShardBatches(torch.utils.data.IterableDataset):
