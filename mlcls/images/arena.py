@@ -8,8 +8,9 @@ size the listing gave; the worker writes the body there and sends back
 only its length; the feeding process copies it out as the result arrives
 and frees the span. Spans are handed out and freed in submission order,
 so the arena is a ring of variable-sized spans. A file with no listed
-size, one larger than its span, or one that finds the arena full goes
-through the pipe as before: slower, never wrong.
+size, one larger than its span, or one larger than the whole arena goes
+through the pipe as before: slower, never wrong. When the arena is full,
+the feeding process takes in finished chunks before it submits more.
 """
 
 from __future__ import annotations
@@ -70,6 +71,11 @@ class ByteArena:
     def free_oldest(self) -> None:
         """Free the oldest span still in use (spans are freed in the order they were taken)."""
         self._live.popleft()
+
+    def free_newest(self) -> None:
+        """Give back the span taken last, as if it had not been taken."""
+        self._live.pop()
+        self._head = self._live[-1][1] if self._live else 0
 
     def read(self, offset: int, length: int) -> bytes:
         """A copy of `length` bytes at `offset` (its span can be freed after)."""

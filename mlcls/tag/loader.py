@@ -37,7 +37,6 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from itertools import islice
 
 import numpy as np
 import torch
@@ -174,34 +173,65 @@ class Loader:
             yield from _in_order(tasks, window, pending)
 
     def _from_processes(self, records: Iterable[FileRecord], window: int) -> Iterator[tuple[FileRecord, Decoded]]:
-        """`decoded` for the process pool: chunks of files, pixels in ring slots, JPEG bodies in arena spans."""
+        """`decoded` for the process pool: chunks of files, pixels in ring slots, JPEG bodies in arena spans.
+
+        When the arena has no room for the next chunk's files, the oldest
+        chunks in flight are taken in (their bodies copied out, their spans
+        freed) before it is submitted: large files then have fewer chunks in
+        flight, and none of them is pushed through the pipe for want of room.
+        """
         wait(self._stragglers)  # a pass given up early: its running tasks write slots and spans until they end
         self._stragglers = []
-        if self._arena is not None:
-            self._arena.reset()
-        arena, chunk = self._arena, max(1, min(16, window // (4 * self.decode_workers) or 1))
-        starts = itertools.count(0, chunk)
+        arena, count = self._arena, max(1, min(16, window // (4 * self.decode_workers) or 1))
+        if arena is not None:
+            arena.reset()
+        starts = itertools.count(0, count)
+        pending: deque[tuple[_Chunk, Future]] = deque()
 
-        def submit(batch: list[FileRecord]) -> tuple[tuple[list[FileRecord], list | None], Future]:
-            spans = [arena.take(r.size) for r in batch] if arena is not None else None
-            return (batch, spans), self._pool.submit(
-                load_chunk, [r.uri for r in batch], self.config, self._ring_id, next(starts) % len(self._ring),
-                [r.size for r in batch], arena and arena.id, spans)
+        def submit(chunk: _Chunk) -> tuple[_Chunk, Future]:
+            if arena is not None:
+                chunk.spans = self._reserve(chunk.records, pending)
+            return chunk, self._pool.submit(
+                load_chunk, [r.uri for r in chunk.records], self.config, self._ring_id,
+                next(starts) % len(self._ring), [r.size for r in chunk.records], arena and arena.id, chunk.spans)
 
-        pending: deque[tuple[object, Future]] = deque()
+        byte_limit = arena.capacity // (4 * self.decode_workers) if arena is not None else None
         try:
-            for (batch, spans), decoded in _in_order(map(submit, _chunked(records, chunk)), max(1, window // chunk),
-                                                     pending):
-                for d in decoded:
-                    if d.jpeg_at is not None:  # copied out now: the span is free for the next files
-                        d.jpeg, d.jpeg_at, d.jpeg_len = arena.read(d.jpeg_at, d.jpeg_len), None, None
-                    elif d.slot is not None:
-                        d.pixels = self._ring[d.slot]
-                for _ in filter(None, spans or ()):
-                    arena.free_oldest()
-                yield from zip(batch, decoded, strict=True)
+            for chunk, decoded in _in_order(map(submit, _chunks(records, count, byte_limit)), max(1, window // count),
+                                            pending):
+                self._take_in(chunk, decoded)
+                yield from zip(chunk.records, decoded, strict=True)
         finally:  # given up early (an error, a cancelled shard): what already runs is waited for next pass
             self._stragglers = [f for _, f in pending if not f.cancel()]
+
+    def _reserve(self, records: list[FileRecord], pending: deque[tuple[_Chunk, Future]]) -> list:
+        """Arena spans for `records`, taking in the oldest chunks in flight until they fit (or none is left)."""
+        arena = self._arena
+        assert arena is not None
+        while True:
+            spans = [arena.take(r.size) for r in records]
+            fits = all(s is not None for s, r in zip(spans, records, strict=True)
+                       if r.size and r.size <= arena.capacity)
+            oldest = next(((c, f) for c, f in pending if not c.taken_in), None)
+            if fits or oldest is None:
+                return spans
+            for _ in filter(None, spans):
+                arena.free_newest()
+            self._take_in(oldest[0], oldest[1].result())
+
+    def _take_in(self, chunk: _Chunk, decoded: list[Decoded]) -> None:
+        """Once per chunk, in order: JPEG bodies copied out of the arena (spans freed), pixels seen in the ring."""
+        if chunk.taken_in:
+            return
+        for d in decoded:
+            if d.jpeg_at is not None:
+                assert self._arena is not None and d.jpeg_len is not None
+                d.jpeg, d.jpeg_at, d.jpeg_len = self._arena.read(d.jpeg_at, d.jpeg_len), None, None
+            elif d.slot is not None:
+                d.pixels = self._ring[d.slot]
+        for _ in filter(None, chunk.spans or ()):
+            self._arena.free_oldest()  # type: ignore[union-attr]
+        chunk.taken_in = True
 
     def batches(self, records: Iterable[FileRecord], batch_size: int, prefetch: int = 3) -> Iterator[ImageBatch]:
         """Batches of `batch_size` records; decoding runs `prefetch` batches ahead."""
@@ -336,10 +366,27 @@ def _ready() -> bool:
     return True
 
 
-def _chunked(records: Iterable[FileRecord], size: int) -> Iterator[list[FileRecord]]:
-    it = iter(records)
-    while chunk := list(islice(it, size)):
-        yield chunk
+@dataclass
+class _Chunk:
+    """Files a decode process reads and decodes as one task, with their arena spans (None: no room reserved)."""
+
+    records: list[FileRecord]
+    spans: list | None = None
+    taken_in: bool = False
+
+
+def _chunks(records: Iterable[FileRecord], count: int, byte_limit: int | None) -> Iterator[_Chunk]:
+    """Up to `count` files a chunk, fewer where their listed sizes add up past `byte_limit`."""
+    chunk: list[FileRecord] = []
+    size = 0
+    for r in records:
+        if chunk and (len(chunk) == count or (byte_limit and size + (r.size or 0) > byte_limit)):
+            yield _Chunk(chunk)
+            chunk, size = [], 0
+        chunk.append(r)
+        size += r.size or 0
+    if chunk:
+        yield _Chunk(chunk)
 
 
 def _in_order(tasks: Iterator[tuple], window: int,
