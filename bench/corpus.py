@@ -15,8 +15,9 @@ from multiprocessing import Pool
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-KINDS = ("mixed", "imagenet")  # mixed: 320-1600 px, some PNG and grey; imagenet: long side ~500 px JPEGs, ~110 KB
-NOISE = {"mixed": (3, 10), "imagenet": (14, 22)}  # grain: what makes photos' JPEGs as large as they are
+KINDS = ("mixed", "imagenet", "photos")  # mixed: 320-1600 px, some PNG and grey; imagenet: long side ~500 px
+# JPEGs, ~110 KB; photos: a phone's 12 MP JPEGs (4032x3024), a few MB each
+NOISE = {"mixed": (3, 10), "imagenet": (14, 22), "photos": (4, 8)}  # grain: what makes JPEGs as large as they are
 
 
 def _image(seed: int, i: int, kind: str = "mixed") -> tuple[Image.Image, str, int]:
@@ -24,6 +25,8 @@ def _image(seed: int, i: int, kind: str = "mixed") -> tuple[Image.Image, str, in
     if kind == "imagenet":  # ImageNet's validation set: mostly 500x375 / 375x500 / 500x333, quality ~90-96
         long_side = 500
         aspect = float(rng.choice([0.75, 0.75, 0.75, 0.666, 0.8, 1.0, 0.6]))
+    elif kind == "photos":
+        long_side, aspect = 4032, 0.75
     else:
         long_side = int(rng.integers(320, 1601))
         aspect = float(rng.uniform(0.5, 1.0))
@@ -40,8 +43,8 @@ def _image(seed: int, i: int, kind: str = "mixed") -> tuple[Image.Image, str, in
     img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.5, 2.0))))
     arr = np.asarray(img).astype(np.int16) + rng.normal(0, rng.uniform(*NOISE[kind]), (h, w, 3)).astype(np.int16)
     img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
-    if kind == "imagenet":
-        return img, "JPEG", int(rng.integers(90, 97))
+    if kind in ("imagenet", "photos"):
+        return img, "JPEG", int(rng.integers(90, 97) if kind == "imagenet" else rng.integers(85, 93))
     if rng.random() < 0.10:
         img = img.convert("L")
     fmt = "PNG" if rng.random() < 0.15 else "JPEG"

@@ -29,6 +29,7 @@ OUT=${OUT:-bench/out/gpu}
 mkdir -p "$OUT"
 export MLCLS_BENCH_DIR=${MLCLS_BENCH_DIR:-/tmp/mlcls-bench} MLCLS_CACHE=/tmp/mlcls-cache PYTHONPATH=$PWD
 RESULTS=$OUT/RESULTS-gpu.md
+[[ ! -f $RESULTS ]] || mv "$RESULTS" "$OUT/RESULTS-gpu.previous.md"  # a rerun's failed rows are its own
 log() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$OUT/run.log"; }
 failed=0
 step() {  # step NAME TIMEOUT COMMAND...: run, log its exit status, remember a failure
@@ -74,6 +75,7 @@ step mixed 150 $python bench/throughput.py "${common[@]}" --images "$n_mixed" --
 step decode-ab 150 $python bench/throughput.py "${common[@]}" --images "$n_mixed" --corpus-kind imagenet --decode-ab 1
 step simulated 60 $python bench/throughput.py "${common[@]}" --images "$n_mixed" --corpus-kind imagenet \
     --simulate-device 20
+step transport 90 $python bench/transport.py --workers "$workers" --images "$n_imagenet" --passes 3  # its .log
 if grep -l "| failed: " "$RESULTS" 2>/dev/null; then log "a row failed: see $RESULTS"; failed=1; fi
 log "done"
 [[ $mode != dry ]] || exit $failed

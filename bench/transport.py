@@ -3,6 +3,7 @@
     python bench/transport.py                      # this checkout, ImageNet-like JPEGs, 1 decode process
     python bench/transport.py --root ../base       # the same from another checkout (an A/B: run both)
     python bench/transport.py --corpus-kind mixed  # 320-1600 px, some PNG (decoded in the workers)
+    python bench/transport.py --corpus-kind photos --images 200   # 12 MP phone photos, a few MB each
 
 On a GPU box one process reads the decode processes' results, decodes JPEGs
 on the GPU and drives the model: at 8,000 images/s it has 125 µs of CPU an
@@ -28,7 +29,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default=os.path.dirname(HERE), help="the checkout whose mlcls is measured")
     ap.add_argument("--images", type=int, default=1000)
-    ap.add_argument("--corpus-kind", default="imagenet", choices=["imagenet", "mixed"])
+    ap.add_argument("--corpus-kind", default="imagenet", choices=["imagenet", "mixed", "photos"])
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--passes", type=int, default=5)
     ap.add_argument("--modes", nargs="+", default=["bytes", "pixels"], choices=["bytes", "pixels"])
@@ -43,7 +44,7 @@ def main() -> None:
     from mlcls.tag.loader import Loader
 
     folder = f"/tmp/mlcls-bench/corpus-{a.images}" if a.corpus_kind == "mixed" else \
-        f"/tmp/mlcls-bench/corpus-imagenet-{a.images}"  # the folders bench/throughput.py builds
+        f"/tmp/mlcls-bench/corpus-{a.corpus_kind}-{a.images}"  # the folders bench/throughput.py builds
     paths = build_corpus(folder, a.images, kind=a.corpus_kind)
     records = [FileRecord(uri=p, size=os.path.getsize(p)) for p in paths]
     pre = Preprocess()
