@@ -8,8 +8,8 @@ size the listing gave; the worker writes the body there and sends back
 only its length; the feeding process copies it out as the result arrives
 and frees the span. Spans are handed out and freed in submission order,
 so the arena is a ring of variable-sized spans. A file with no listed
-size, one larger than its span, or one larger than the whole arena goes
-through the pipe as before: slower, never wrong. When the arena is full,
+size gets a span of `UNLISTED_BYTES`; one larger than its span, or larger
+than the whole arena, goes through the pipe as before: slower, never wrong. When the arena is full,
 the feeding process takes in finished chunks before it submits more.
 """
 
@@ -21,7 +21,10 @@ from collections import deque
 
 import numpy as np
 
-ARENA_BYTES = 256 * 1024 * 1024  # in flight at once: ~2,300 JPEGs of ImageNet's size, ~85 phone photos
+ARENA_BYTES = 256 * 1024 * 1024  # in flight at once: ~2,300 JPEGs of ImageNet's size, ~115 phone photos
+
+
+UNLISTED_BYTES = 1024 * 1024  # the span reserved for a file whose size was not listed (a plain URI list)
 
 
 _ARENAS: dict[int, np.ndarray] = {}
@@ -44,13 +47,18 @@ class ByteArena:
 
     def __init__(self, capacity: int | None = None) -> None:
         self.capacity = capacity or ARENA_BYTES
+        self.unlisted = min(UNLISTED_BYTES, self.capacity)
         self.id = next(_IDS)
         _ARENAS[self.id] = np.frombuffer(mmap.mmap(-1, self.capacity), dtype=np.uint8)  # anonymous, shared on fork
         self._live: deque[tuple[int, int]] = deque()  # (start, end) of the spans in use, oldest first
         self._head = 0  # where the next span starts if it fits
 
+    def reserve_for(self, listed: int | None) -> int:
+        """The bytes to reserve for a file of `listed` size (a guess where the listing gave none)."""
+        return self.unlisted if listed is None else listed
+
     def take(self, size: int | None) -> tuple[int, int] | None:
-        """A span (offset, size) for `size` bytes, or None: unknown size, or no room until older spans are freed."""
+        """A span (offset, size) for `size` bytes, or None: no size, or no room until older spans are freed."""
         if not size or size > self.capacity:
             return None
         if not self._live:

@@ -195,10 +195,9 @@ class Loader:
                 load_chunk, [r.uri for r in chunk.records], self.config, self._ring_id,
                 next(starts) % len(self._ring), [r.size for r in chunk.records], arena and arena.id, chunk.spans)
 
-        byte_limit = arena.capacity // (4 * self.decode_workers) if arena is not None else None
+        chunks = _chunks(records, count, arena, self.decode_workers)
         try:
-            for chunk, decoded in _in_order(map(submit, _chunks(records, count, byte_limit)), max(1, window // count),
-                                            pending):
+            for chunk, decoded in _in_order(map(submit, chunks), max(1, window // count), pending):
                 self._take_in(chunk, decoded)
                 yield from zip(chunk.records, decoded, strict=True)
         finally:  # given up early (an error, a cancelled shard): what already runs is waited for next pass
@@ -209,9 +208,9 @@ class Loader:
         arena = self._arena
         assert arena is not None
         while True:
-            spans = [arena.take(r.size) for r in records]
-            fits = all(s is not None for s, r in zip(spans, records, strict=True)
-                       if r.size and r.size <= arena.capacity)
+            sizes = [arena.reserve_for(r.size) for r in records]
+            spans = [arena.take(n) for n in sizes]
+            fits = all(s is not None for s, n in zip(spans, sizes, strict=True) if 0 < n <= arena.capacity)
             oldest = next(((c, f) for c, f in pending if not c.taken_in), None)
             if fits or oldest is None:
                 return spans
@@ -375,16 +374,18 @@ class _Chunk:
     taken_in: bool = False
 
 
-def _chunks(records: Iterable[FileRecord], count: int, byte_limit: int | None) -> Iterator[_Chunk]:
-    """Up to `count` files a chunk, fewer where their listed sizes add up past `byte_limit`."""
+def _chunks(records: Iterable[FileRecord], count: int, arena: ByteArena | None, workers: int) -> Iterator[_Chunk]:
+    """Up to `count` files a chunk; with an arena, fewer where their sizes add up past a 4th of its share a worker."""
+    limit = arena.capacity // (4 * workers) if arena is not None else None
     chunk: list[FileRecord] = []
     size = 0
     for r in records:
-        if chunk and (len(chunk) == count or (byte_limit and size + (r.size or 0) > byte_limit)):
+        n = arena.reserve_for(r.size) if arena is not None else 0
+        if chunk and (len(chunk) == count or (limit and size + n > limit)):
             yield _Chunk(chunk)
             chunk, size = [], 0
         chunk.append(r)
-        size += r.size or 0
+        size += n
     if chunk:
         yield _Chunk(chunk)
 
