@@ -153,7 +153,9 @@ def test_a_paused_loader_reads_but_decodes_nothing_until_the_pause_ends(tmp_path
         assert loader.decode_clock.read()[1] == len(records)
         batches = loader.batches(records, 2, prefetch=3)
         next(batches)
-        time.sleep(0.5)  # the loader decodes the window ahead meanwhile
+        deadline = time.monotonic() + 30  # the loader decodes the window ahead meanwhile (a fixed 0.5 s flaked)
+        while loader.decode_clock.read()[1] < 2 * len(records) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert next(batches).ahead >= 2  # the batch after it is ready: a boost may pause decoding
     finally:
         loader.close()
