@@ -9,8 +9,9 @@ only its length; the feeding process copies it out as the result arrives
 and frees the span. Spans are handed out and freed in submission order,
 so the arena is a ring of variable-sized spans. A file with no listed
 size gets a span of `UNLISTED_BYTES`; one larger than its span, or larger
-than the whole arena, goes through the pipe as before: slower, never wrong. When the arena is full,
-the feeding process takes in finished chunks before it submits more.
+than the whole arena, goes through the pipe as before: slower, never
+wrong. When the arena is full, the feeding process takes in finished
+chunks before it submits more (`mlcls.tag.loader`).
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ Three ways to run the workers; by default chosen by how many there are
   each decode holds the GIL, so threads stop scaling at a few hundred images
   a second (measured in bench/RESULTS.md); processes each read and decode
   chunks of files and leave the pixels in a shared-memory ring (a GPU run's
-  JPEG bodies in a shared arena), sending back only where. They are forked, as torch's
+  JPEG bodies in a shared arena, `mlcls.images.arena`), sending back only
+  where. They are forked, as torch's
   DataLoader does on Linux: a forkserver or spawned worker re-runs the
   caller's main module and starts in seconds, not milliseconds. The pool is
   started with the Loader, so its start-up is not paid inside a shard;
@@ -34,7 +35,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import wait as wait_all
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
@@ -180,7 +182,7 @@ class Loader:
         freed) before it is submitted: large files then have fewer chunks in
         flight, and none of them is pushed through the pipe for want of room.
         """
-        wait(self._stragglers)  # a pass given up early: its running tasks write slots and spans until they end
+        wait_all(self._stragglers)  # a pass given up early: its running tasks write slots and spans until they end
         self._stragglers = []
         arena, count = self._arena, max(1, min(16, window // (4 * self.decode_workers) or 1))
         if arena is not None:
@@ -375,7 +377,8 @@ class _Chunk:
 
 
 def _chunks(records: Iterable[FileRecord], count: int, arena: ByteArena | None, workers: int) -> Iterator[_Chunk]:
-    """Up to `count` files a chunk; with an arena, fewer where their sizes add up past a 4th of its share a worker."""
+    """Up to `count` files a chunk; with an arena, fewer where their bytes would pass capacity / (4 × workers),
+    so that big files travel in small chunks and every worker still has several in flight."""
     limit = arena.capacity // (4 * workers) if arena is not None else None
     chunk: list[FileRecord] = []
     size = 0
