@@ -12,10 +12,10 @@ Three ways to run the workers; by default chosen by how many there are
   a second (measured in bench/RESULTS.md); processes each read and decode
   chunks of files and leave the pixels in a shared-memory ring (a GPU run's
   JPEG bodies in a shared arena, `mlcls.images.arena`), sending back only
-  where. They are forked, as torch's
-  DataLoader does on Linux: a forkserver or spawned worker re-runs the
-  caller's main module and starts in seconds, not milliseconds. The pool is
-  started with the Loader, so its start-up is not paid inside a shard;
+  where. They are forked, as torch's DataLoader does on Linux: a
+  forkserver or spawned worker re-runs the caller's main module and starts
+  in seconds, not milliseconds. The pool is started with the Loader, so its
+  start-up is not paid inside a shard;
 - torch's `DataLoader` (`dataloader=True`, opt-in): an IterableDataset over
   the shard, worker k reading and decoding every k-th batch with the same
   `load_chunk` (retried reads, an error row per bad file) and stacking uint8
