@@ -43,8 +43,9 @@ def main() -> None:
     from mlcls.sources import FileRecord
     from mlcls.tag.loader import Loader
 
-    folder = f"/tmp/mlcls-bench/corpus-{a.images}" if a.corpus_kind == "mixed" else \
-        f"/tmp/mlcls-bench/corpus-{a.corpus_kind}-{a.images}"  # the folders bench/throughput.py builds
+    out = os.environ.get("MLCLS_BENCH_DIR", os.path.join(os.path.dirname(HERE), "bench", "out"))  # as throughput.py
+    name = f"corpus-{a.images}" if a.corpus_kind == "mixed" else f"corpus-{a.corpus_kind}-{a.images}"
+    folder = os.path.join(out, name)
     paths = build_corpus(folder, a.images, kind=a.corpus_kind)
     records = [FileRecord(uri=p, size=os.path.getsize(p)) for p in paths]
     pre = Preprocess()
