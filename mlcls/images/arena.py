@@ -50,7 +50,7 @@ class ByteArena:
         self.capacity = capacity or ARENA_BYTES
         self.unlisted = min(UNLISTED_BYTES, self.capacity)
         self.id = next(_IDS)
-        _ARENAS[self.id] = np.frombuffer(mmap.mmap(-1, self.capacity), dtype=np.uint8)  # anonymous, shared on fork
+        self._buf = _ARENAS[self.id] = np.frombuffer(mmap.mmap(-1, self.capacity), dtype=np.uint8)  # shared on fork
         self._live: deque[tuple[int, int]] = deque()  # (start, end) of the spans in use, oldest first
         self._head = 0  # where the next span starts if it fits
 
@@ -88,7 +88,7 @@ class ByteArena:
 
     def read(self, offset: int, length: int) -> bytes:
         """A copy of `length` bytes at `offset` (its span can be freed after)."""
-        return _ARENAS[self.id][offset:offset + length].tobytes()
+        return self._buf[offset:offset + length].tobytes()
 
     def reset(self) -> None:
         """Forget every span: only once no worker can still write to one."""

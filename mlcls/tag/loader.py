@@ -212,9 +212,10 @@ class Loader:
         while True:
             sizes = [arena.reserve_for(r.size) for r in records]
             spans = [arena.take(n) for n in sizes]
-            fits = all(s is not None for s, n in zip(spans, sizes, strict=True) if 0 < n <= arena.capacity)
-            oldest = next(((c, f) for c, f in pending if not c.taken_in), None)
-            if fits or oldest is None:
+            if all(s is not None for s, n in zip(spans, sizes, strict=True) if 0 < n <= arena.capacity):
+                return spans
+            oldest = next(((c, f) for c, f in pending if not c.taken_in), None)  # only when the arena is full
+            if oldest is None:
                 return spans
             for _ in filter(None, spans):
                 arena.free_newest()
