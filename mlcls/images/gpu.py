@@ -11,8 +11,9 @@ stands in (deprecated, and it fails a whole batch on one bad file).
 Anything the GPU should not take (see `mlcls.images.decode.plain_jpeg_size`)
 or fails to decode goes through the CPU path (`decode_or_fallback`), which
 also writes the error rows, so behaviour per image is the same either way.
-Images of the same size are resized as one batch; torchvision's antialiased
-tensor resize is close to, not bit-identical with, PIL's (bench/RESULTS.md).
+Images of the same size are resized as one call, and a batch is rounded as
+one; torchvision's antialiased tensor resize is close to, not bit-identical
+with, PIL's (bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -178,19 +179,34 @@ class GpuJpegDecoder:
             return images
 
     def resize_crop_batch(self, images: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
-        """(3, H, W) images to (S, S, 3): one resize call per group of images that share a size."""
+        """(3, H, W) uint8 images to (S, S, 3) uint8, the same pixels as `resize_crop` one by one.
+
+        Images that share a size are resized as one call. A mixed-size batch
+        (a photo collection: about one size an image) costs two kernels an
+        image here (to float, resize) and one rounding pass for the whole
+        batch, against five an image through `resize_crop` (stack, to
+        float, resize, round, cast): on a GPU the feeding thread's launches,
+        not the device, bound such batches. Results are bit-identical:
+        rounding and the cast commute with the crop and the stack.
+        """
         groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for i, img in enumerate(images):
             if img is not None:
                 groups[tuple(img.shape)].append(i)
-        out: list[torch.Tensor | None] = [None] * len(images)
+        done: list[int] = []
+        parts: list[torch.Tensor] = []
         for idx in groups.values():
+            src = images[idx[0]][None] if len(idx) == 1 else torch.stack([images[i] for i in idx])  # type: ignore[index,misc]
             try:
-                batch = self.resize_crop(torch.stack([images[i] for i in idx]))  # type: ignore[misc]
+                parts.append(self._resample(src.float()))
             except RuntimeError as err:  # a scale the antialiased CUDA kernel refuses: these take the CPU path
-                log.debug("GPU resize refused %d image(s) of shape %s: %s", len(idx), images[idx[0]].shape, err)
+                log.debug("GPU resize refused %d image(s) of shape %s: %s", len(idx), tuple(src.shape[1:]), err)
                 continue
-            for i, img in zip(idx, batch, strict=True):
+            done.extend(idx)
+        out: list[torch.Tensor | None] = [None] * len(images)
+        if parts:
+            pixels = _to_uint8(torch.cat(parts) if len(parts) > 1 else parts[0]).movedim(-3, -1)
+            for i, img in zip(done, pixels, strict=True):
                 out[i] = img
         return out
 
@@ -214,10 +230,20 @@ class GpuJpegDecoder:
 
     def resize_crop(self, img: torch.Tensor) -> torch.Tensor:
         """(3, H, W) or (N, 3, H, W) uint8 to (S, S, 3) or (N, S, S, 3) with the bundle's resize and crop."""
+        batched = img.ndim == 4
+        out = _to_uint8(self._resample((img if batched else img[None]).float())).movedim(-3, -1)
+        return out if batched else out[0]
+
+    def _resample(self, img: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) float to (N, 3, S, S) float, unrounded: the bundle's antialiased resize, then its crop."""
         pre = self.pre
         if pre.resize_mode == "squash":
-            out = TF.resize(img, [pre.size, pre.size], interpolation=self.interpolation, antialias=True)
-        else:
-            out = TF.center_crop(TF.resize(img, pre.resize_size, interpolation=self.interpolation, antialias=True),
-                                 pre.size)
-        return out.movedim(-3, -1)
+            return TF.resize(img, [pre.size, pre.size], interpolation=self.interpolation, antialias=True)
+        return TF.center_crop(TF.resize(img, pre.resize_size, interpolation=self.interpolation, antialias=True),
+                              pre.size)
+
+
+def _to_uint8(img: torch.Tensor) -> torch.Tensor:
+    """Resampled float pixels to uint8 as torchvision's uint8 resize ends: round, and clamp where bicubic
+    overshoots (a no-op for bilinear and nearest, whose outputs stay within [0, 255])."""
+    return img.round_().clamp_(0, 255).to(torch.uint8)

@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
 
 from mlcls.images.decode import Decoded, plain_jpeg_size, prepare
-from mlcls.images.gpu import GpuJpegDecoder, decodes_jpeg_on_gpu, probe_jpeg, resizes_on_device
+from mlcls.images.gpu import DEVICE_INTERPOLATION, GpuJpegDecoder, decodes_jpeg_on_gpu, probe_jpeg, resizes_on_device
 from mlcls.images.load import LoadConfig
 from mlcls.images.preprocess import INTERPOLATIONS, Preprocess
 from mlcls.sources import FileRecord
@@ -109,16 +110,35 @@ def test_gpu_path_on_cuda(tmp_path):
     _check(files, records, batch, order, pixels)
 
 
-def test_same_size_images_are_resized_as_one_batch_with_the_same_result():
-    decoder = GpuJpegDecoder(PRE, torch.device("cpu"), backend="torchvision")
+def _torchvision_uint8(img: torch.Tensor, pre: Preprocess) -> torch.Tensor:
+    """The reference: torchvision's own uint8 tensor resize and crop, one image at a time."""
+    mode = DEVICE_INTERPOLATION[pre.interpolation]
+    if pre.resize_mode == "squash":
+        out = TF.resize(img, [pre.size, pre.size], interpolation=mode, antialias=True)
+    else:
+        out = TF.center_crop(TF.resize(img, pre.resize_size, interpolation=mode, antialias=True), pre.size)
+    return out.permute(1, 2, 0)
+
+
+@pytest.mark.parametrize("resize_mode", ["shorter", "squash"])
+@pytest.mark.parametrize("interpolation", sorted(DEVICE_INTERPOLATION))
+def test_a_mixed_size_batch_gets_torchvisions_uint8_pixels_bit_for_bit(interpolation, resize_mode):
+    # same sizes share a resize call, lone sizes get their own, all are rounded together: the pixels must
+    # still be those of torchvision's uint8 resize image by image (bicubic overshoots: the clamp matters)
+    pre = Preprocess(size=64, resize_size=72, interpolation=interpolation, resize_mode=resize_mode)
+    decoder = GpuJpegDecoder(pre, torch.device("cpu"), backend="torchvision")
     rng = np.random.default_rng(3)
-    images = [torch.from_numpy(photo(rng, h, w)).permute(2, 0, 1).contiguous()
-              for h, w in [(90, 120), (90, 120), (120, 90), (90, 120)]]
+    sizes = [(90, 120), (90, 120), (120, 90), (301, 203), (64, 64), (90, 120), (77, 200)]
+    images = [torch.from_numpy(photo(rng, h, w)).permute(2, 0, 1).contiguous() for h, w in sizes]
+    images[4][:, ::2] = 255  # hard edges, where bicubic rings past 0 and 255
+    images[4][:, 1::2] = 0
     got = decoder.resize_crop_batch([images[0], None, *images[1:]])
     assert got[1] is None
     for img, out in zip(images, [got[0], *got[2:]], strict=True):
-        assert out.shape == (64, 64, 3)
-        assert torch.equal(out, decoder.resize_crop(img))  # batched equals one by one
+        assert out.shape == (64, 64, 3) and out.dtype == torch.uint8
+        assert torch.equal(out, _torchvision_uint8(img, pre))
+        assert torch.equal(out, decoder.resize_crop(img))
+    assert torch.equal(decoder.resize_crop(torch.stack(images[:2])), torch.stack([got[0], got[2]]))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
@@ -218,14 +238,14 @@ def test_nearest_on_the_device_picks_the_pixels_pil_picks():
 
 def test_a_size_group_the_device_cannot_resize_takes_the_cpu_path(tmp_path, monkeypatch):
     decoder = GpuJpegDecoder(PRE, torch.device("cpu"), backend="torchvision")
-    resize = decoder.resize_crop
+    resample = decoder._resample
 
     def refuse_wide(batch: torch.Tensor) -> torch.Tensor:  # as the CUDA antialias kernel refuses a huge scale
         if batch.shape[-1] > 150:
             raise RuntimeError("Provided interpolation parameters can not be handled with current algorithm")
-        return resize(batch)
+        return resample(batch)
 
-    monkeypatch.setattr(decoder, "resize_crop", refuse_wide)
+    monkeypatch.setattr(decoder, "_resample", refuse_wide)
     rng = np.random.default_rng(5)
     datas = [jpeg_bytes(photo(rng, 90, 120)), jpeg_bytes(photo(rng, 90, 400))]
     got = decoder.decode(datas)
