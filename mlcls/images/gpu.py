@@ -130,6 +130,7 @@ class GpuJpegDecoder:
             raise ImportError("nvImageCodec is not installed, or cannot decode JPEGs on this GPU: "
                               "pip install 'mlcls[gpu]'")
         self.backend = "nvimgcodec" if self._nv is not None else "torchvision"
+        self._short_of_memory = False  # said once: a run short of device memory would say it every batch
         log.info("GPU JPEG decode on %s with %s", device, self.backend)
 
     def decode(self, datas: list[bytes]) -> list[torch.Tensor | None]:
@@ -195,20 +196,40 @@ class GpuJpegDecoder:
                 groups[tuple(img.shape)].append(i)
         done: list[int] = []
         parts: list[torch.Tensor] = []
-        for idx in groups.values():
-            src = images[idx[0]][None] if len(idx) == 1 else torch.stack([images[i] for i in idx])  # type: ignore[index,misc]
+        for shape, idx in groups.items():
             try:
+                src = images[idx[0]][None] if len(idx) == 1 else torch.stack([images[i] for i in idx])  # type: ignore[index,misc]
                 parts.append(self._resample(src.float()))
+            except torch.OutOfMemoryError:  # these take the CPU path; the model's batch halves on its own OOM
+                self._say_short_of_memory(f"resizing {len(idx)} image(s) of {shape[1]}x{shape[2]} px")
+                continue
             except RuntimeError as err:  # a scale the antialiased CUDA kernel refuses: these take the CPU path
-                log.debug("GPU resize refused %d image(s) of shape %s: %s", len(idx), tuple(src.shape[1:]), err)
+                log.debug("GPU resize refused %d image(s) of shape %s: %s", len(idx), shape, err)
                 continue
             done.extend(idx)
         out: list[torch.Tensor | None] = [None] * len(images)
-        if parts:
-            pixels = _to_uint8(torch.cat(parts) if len(parts) > 1 else parts[0]).movedim(-3, -1)
-            for i, img in zip(done, pixels, strict=True):
-                out[i] = img
+        for i, img in zip(done, self._finish(parts), strict=True):
+            out[i] = img
         return out
+
+    def _finish(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The resampled float parts as (S, S, 3) uint8 images: rounded as one batch, or part by part where
+        the batch's copy does not fit in the device's memory."""
+        if not parts:
+            return []
+        try:
+            return list(_to_uint8(torch.cat(parts) if len(parts) > 1 else parts[0]).movedim(-3, -1))
+        except torch.OutOfMemoryError:
+            self._say_short_of_memory(f"rounding a batch of {sum(len(p) for p in parts)} resized images")
+            return [img for p in parts for img in _to_uint8(p).movedim(-3, -1)]
+
+    def _say_short_of_memory(self, doing: str) -> None:
+        if not self._short_of_memory:
+            log.warning("out of memory on %s %s: carrying on (such images decode on the CPU, or round in "
+                        "parts; said once)", self.device, doing)
+            self._short_of_memory = True
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def decode_or_fallback(self, items: list[Decoded], cpu: LoadConfig) -> list[tuple[Decoded, torch.Tensor | None]]:
         """Each item (a `Decoded` holding JPEG bytes) with its (S, S, 3) pixels on the device.

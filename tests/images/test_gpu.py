@@ -254,3 +254,45 @@ def test_a_size_group_the_device_cannot_resize_takes_the_cpu_path(tmp_path, monk
     out = decoder.decode_or_fallback(items, LoadConfig(preprocess=PRE, draft=False))
     assert all(img is not None and img.shape == (64, 64, 3) for _, img in out)
     np.testing.assert_array_equal(out[1][1].numpy(), prepare(datas[1], PRE, draft=False).pixels)
+
+
+def test_out_of_device_memory_in_the_resize_sends_images_to_the_cpu_path_and_says_so_once(monkeypatch, caplog):
+    decoder = GpuJpegDecoder(PRE, torch.device("cpu"), backend="torchvision")
+    rng = np.random.default_rng(6)
+    images = [torch.from_numpy(photo(rng, h, w)).permute(2, 0, 1).contiguous()
+              for h, w in [(90, 120), (90, 400), (90, 120), (100, 130)]]
+    expected = [decoder.resize_crop(img) for img in images]
+    resample = decoder._resample
+
+    def short_on_wide(batch: torch.Tensor) -> torch.Tensor:
+        if batch.shape[-1] > 150:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return resample(batch)
+
+    monkeypatch.setattr(decoder, "_resample", short_on_wide)
+    for _ in range(2):
+        got = decoder.resize_crop_batch(images)
+        assert got[1] is None  # the caller decodes it on the CPU
+        assert all(torch.equal(got[i], expected[i]) for i in (0, 2, 3))
+    assert caplog.text.count("out of memory") == 1 and "90x400" in caplog.text
+
+
+def test_out_of_device_memory_rounding_the_batch_rounds_it_in_parts_with_the_same_pixels(monkeypatch, caplog):
+    import mlcls.images.gpu as gpu
+
+    decoder = GpuJpegDecoder(PRE, torch.device("cpu"), backend="torchvision")
+    rng = np.random.default_rng(7)
+    images = [torch.from_numpy(photo(rng, h, w)).permute(2, 0, 1).contiguous()
+              for h, w in [(90, 120), (91, 120), (90, 120)]]
+    expected = [decoder.resize_crop(img) for img in images]
+    to_uint8 = gpu._to_uint8
+
+    def short_on_big(img: torch.Tensor) -> torch.Tensor:  # the whole batch's copy does not fit, a part does
+        if len(img) == len(images):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return to_uint8(img)
+
+    monkeypatch.setattr(gpu, "_to_uint8", short_on_big)
+    got = decoder.resize_crop_batch(images)
+    assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True))
+    assert "rounding a batch of 3" in caplog.text
