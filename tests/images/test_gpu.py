@@ -120,16 +120,21 @@ def _torchvision_uint8(img: torch.Tensor, pre: Preprocess) -> torch.Tensor:
     return out.permute(1, 2, 0)
 
 
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                         reason="needs a CUDA device")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("resize_mode", ["shorter", "squash"])
 @pytest.mark.parametrize("interpolation", sorted(DEVICE_INTERPOLATION))
-def test_a_mixed_size_batch_gets_torchvisions_uint8_pixels_bit_for_bit(interpolation, resize_mode):
+def test_a_mixed_size_batch_gets_torchvisions_uint8_pixels_bit_for_bit(interpolation, resize_mode, device):
     # same sizes share a resize call, lone sizes get their own, all are rounded together: the pixels must
     # still be those of torchvision's uint8 resize image by image (bicubic overshoots: the clamp matters)
     pre = Preprocess(size=64, resize_size=72, interpolation=interpolation, resize_mode=resize_mode)
-    decoder = GpuJpegDecoder(pre, torch.device("cpu"), backend="torchvision")
+    decoder = GpuJpegDecoder(pre, torch.device(device), backend="torchvision")
     rng = np.random.default_rng(3)
     sizes = [(90, 120), (90, 120), (120, 90), (301, 203), (64, 64), (90, 120), (77, 200)]
-    images = [torch.from_numpy(photo(rng, h, w)).permute(2, 0, 1).contiguous() for h, w in sizes]
+    images = [torch.from_numpy(photo(rng, h, w)).permute(2, 0, 1).contiguous().to(device) for h, w in sizes]
     images[4][:, ::2] = 255  # hard edges, where bicubic rings past 0 and 255
     images[4][:, 1::2] = 0
     got = decoder.resize_crop_batch([images[0], None, *images[1:]])
