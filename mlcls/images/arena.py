@@ -16,41 +16,26 @@ chunks before it submits more (`mlcls.tag.loader`).
 
 from __future__ import annotations
 
-import itertools
-import mmap
 from collections import deque
 
-import numpy as np
+from mlcls.images.shared import new_shared
 
 ARENA_BYTES = 256 * 1024 * 1024  # in flight at once: ~2,300 JPEGs of ImageNet's size, ~115 phone photos
-
-
 UNLISTED_BYTES = 1024 * 1024  # the span reserved for a file whose size was not listed (a plain URI list)
-
-
-_ARENAS: dict[int, np.ndarray] = {}
-
-
-_IDS = itertools.count()
-
-
-def arena_buffer(arena_id: int) -> np.ndarray:
-    """The arena's bytes, in the feeding process or a decode process forked after the arena was made."""
-    return _ARENAS[arena_id]
 
 
 class ByteArena:
     """A ring of variable-sized spans over shared memory, allocated and freed first in, first out.
 
     Only the process that made it allocates (`take`, `free_oldest`); it must
-    be made before the decode processes fork, which see it as `arena_buffer(id)`.
+    be made before the decode processes fork, which find its bytes as
+    `mlcls.images.shared.shared(id)`.
     """
 
     def __init__(self, capacity: int | None = None) -> None:
         self.capacity = capacity or ARENA_BYTES
         self.unlisted = min(UNLISTED_BYTES, self.capacity)
-        self.id = next(_IDS)
-        self._buf = _ARENAS[self.id] = np.frombuffer(mmap.mmap(-1, self.capacity), dtype=np.uint8)  # shared on fork
+        self.id, self._buf = new_shared((self.capacity,))
         self._live: deque[tuple[int, int]] = deque()  # (start, end) of the spans in use, oldest first
         self._head = 0  # where the next span starts if it fits
 

@@ -7,8 +7,6 @@ becomes the image's `error`, never an exception.
 
 from __future__ import annotations
 
-import itertools
-import mmap
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from mlcls.images.arena import arena_buffer
 from mlcls.images.decode import DEFAULT_MAX_PIXELS, Decoded, plain_jpeg_size, prepare
 from mlcls.images.preprocess import Preprocess
+from mlcls.images.shared import new_shared, shared
 from mlcls.storage import describe_os_error, read_many
 
 READ_KIND = "read"  # the error kind of a file storage would not give us (after the retries): tagged next run
@@ -35,12 +33,6 @@ class LoadConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)
 
 
-_RINGS: dict[int, np.ndarray] = {}
-
-
-_RING_IDS = itertools.count()
-
-
 def new_ring(images: int, size: int) -> tuple[int, np.ndarray]:
     """A shared-memory ring of `images` pixel slots, made before the decode processes fork.
 
@@ -48,10 +40,7 @@ def new_ring(images: int, size: int) -> tuple[int, np.ndarray]:
     pixel crosses a pipe, which is what limits a process pool at a few
     thousand images a second otherwise (bench/RESULTS.md).
     """
-    ring_id = next(_RING_IDS)
-    buf = mmap.mmap(-1, images * size * size * 3)  # anonymous and shared: forked children see it
-    _RINGS[ring_id] = np.frombuffer(buf, dtype=np.uint8).reshape(images, size, size, 3)
-    return ring_id, _RINGS[ring_id]
+    return new_shared((images, size, size, 3))
 
 
 def read_error(err: BaseException) -> Decoded:
@@ -88,13 +77,13 @@ def load_chunk(uris: Sequence[str], cfg: LoadConfig, ring: int | None = None, fi
     for k, (uri, item) in enumerate(zip(uris, read_many(uris, cfg.storage_options, sizes), strict=True)):
         d = read_error(item) if isinstance(item, BaseException) else decode_one(item, cfg, uri)
         if ring is not None and d.pixels is not None:
-            slots = _RINGS[ring]
+            slots = shared(ring)
             d.slot = (first_slot + k) % len(slots)
             slots[d.slot] = d.pixels
             d.pixels = None
         span = spans[k] if spans else None
         if arena is not None and span is not None and d.jpeg is not None and len(d.jpeg) <= span[1]:
-            arena_buffer(arena)[span[0]:span[0] + len(d.jpeg)] = np.frombuffer(d.jpeg, dtype=np.uint8)
+            shared(arena)[span[0]:span[0] + len(d.jpeg)] = np.frombuffer(d.jpeg, dtype=np.uint8)
             d.jpeg, d.jpeg_at, d.jpeg_len = None, span[0], len(d.jpeg)
         results.append(d)
     return results

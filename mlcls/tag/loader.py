@@ -194,8 +194,8 @@ class Loader:
             if arena is not None:
                 chunk.spans = self._reserve(chunk.records, pending)
             return chunk, self._pool.submit(
-                load_chunk, [r.uri for r in chunk.records], self.config, self._ring_id,
-                next(starts) % len(self._ring), [r.size for r in chunk.records], arena and arena.id, chunk.spans)
+                load_chunk, [r.uri for r in chunk.records], self.config, self._ring_id, next(starts) % len(self._ring),
+                [r.size for r in chunk.records], arena.id if arena else None, chunk.spans)
 
         chunks = _chunks(records, count, arena, self.decode_workers)
         try:
