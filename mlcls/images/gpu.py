@@ -131,6 +131,7 @@ class GpuJpegDecoder:
                               "pip install 'mlcls[gpu]'")
         self.backend = "nvimgcodec" if self._nv is not None else "torchvision"
         self._short_of_memory = False  # said once: a run short of device memory would say it every batch
+        self._nv_failing = BatchFailures()
         log.info("GPU JPEG decode on %s with %s", device, self.backend)
 
     def decode(self, datas: list[bytes]) -> list[torch.Tensor | None]:
@@ -145,19 +146,27 @@ class GpuJpegDecoder:
         """
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
-        images = self._decode_nvimgcodec(datas) if self._nv is not None else self._decode_torchvision(datas)
+        images = self._decode_nvimgcodec_or_none(datas) if self._nv is not None else self._decode_torchvision(datas)
         return self.resize_crop_batch(images)
+
+    def _decode_nvimgcodec_or_none(self, datas: list[bytes]) -> list[torch.Tensor | None]:
+        """nvImageCodec's images, or all None (the CPU path) where it fails the batch or is resting."""
+        if self._nv_failing.resting():
+            return [None] * len(datas)
+        try:
+            images = self._decode_nvimgcodec(datas)
+        except Exception as err:  # noqa: BLE001 - a library error fails none of the images: all take the CPU path
+            self._nv_failing.failed(len(datas), err)
+            return [None] * len(datas)
+        self._nv_failing.succeeded()
+        return images
 
     def _decode_nvimgcodec(self, datas: list[bytes]) -> list[torch.Tensor | None]:
         from nvidia import nvimgcodec
 
         params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=_rgb(nvimgcodec))
         stream = torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
-        try:
-            decoded = self._nv.decode(datas, params=params, cuda_stream=stream)
-        except Exception as err:  # noqa: BLE001 - a library error fails none of the images: all take the CPU path
-            log.warning("nvImageCodec failed a batch of %d JPEGs (%s): decoding them on the CPU", len(datas), err)
-            return [None] * len(datas)
+        decoded = self._nv.decode(datas, params=params, cuda_stream=stream)
         out: list[torch.Tensor | None] = []
         for img in decoded:  # (H, W, 3) uint8 on the device, shared through DLPack, ordered on `stream`
             t = None if img is None else _as_tensor(img, nvimgcodec)
@@ -262,6 +271,47 @@ class GpuJpegDecoder:
             return TF.resize(img, [pre.size, pre.size], interpolation=self.interpolation, antialias=True)
         return TF.center_crop(TF.resize(img, pre.resize_size, interpolation=self.interpolation, antialias=True),
                               pre.size)
+
+
+class BatchFailures:
+    """When nvImageCodec fails whole batches (a library or driver fault, not a bad file: those come back
+    as None one by one), what to say and when to stop asking it.
+
+    The first failure and the first rest are said at warning level, later ones at debug: a run
+    that fails every batch would otherwise say it a million times. After
+    `give_up` failures in a row the decoder rests for `rest` batches (the
+    CPU path decodes them) and then tries one again, so a fault that
+    passes (memory short for a moment) costs a few batches, and one that
+    stays costs one try in `rest` instead of a failed call every batch.
+    """
+
+    def __init__(self, give_up: int = 3, rest: int = 64) -> None:
+        self.give_up, self.rest = give_up, rest
+        self.in_row = self.total = self.resting_left = self.rests = 0
+
+    def resting(self) -> bool:
+        """Whether to skip the GPU decoder for this batch (counts the batch down)."""
+        if self.resting_left:
+            self.resting_left -= 1
+            return True
+        return False
+
+    def failed(self, size: int, err: Exception) -> None:
+        """Count a failed batch of `size`; say so (see the class) and rest after `give_up` in a row."""
+        self.in_row += 1
+        self.total += 1
+        level = logging.WARNING if self.total == 1 else logging.DEBUG
+        log.log(level, "nvImageCodec failed a batch of %d JPEGs (%s): decoding them on the CPU", size, err)
+        if self.in_row >= self.give_up:
+            self.rests += 1
+            level = logging.WARNING if self.rests == 1 else logging.DEBUG
+            log.log(level, "nvImageCodec failed %d batches in a row (%d in all): the next %d batches decode on "
+                    "the CPU, then it is tried again", self.in_row, self.total, self.rest)
+            self.resting_left = self.rest
+
+    def succeeded(self) -> None:
+        """A batch decoded: the next failure starts a new row."""
+        self.in_row = 0
 
 
 def _to_uint8(img: torch.Tensor) -> torch.Tensor:

@@ -301,3 +301,33 @@ def test_out_of_device_memory_rounding_the_batch_rounds_it_in_parts_with_the_sam
     got = decoder.resize_crop_batch(images)
     assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True))
     assert "rounding a batch of 3" in caplog.text
+
+
+def test_a_library_fault_on_whole_batches_is_said_once_and_rests_the_gpu_decoder(monkeypatch, caplog):
+    decoder = GpuJpegDecoder(PRE, torch.device("cpu"), backend="torchvision")
+    decoder._nv = object()  # as if nvImageCodec were loaded; its batch call is the stand-in below
+    calls = []
+    healthy = decoder._decode_torchvision
+
+    def fault(datas):  # a library or driver fault: the whole batch raises, not one image's None
+        calls.append(len(datas))
+        if len(calls) in (1, 2, 3, 5, 6, 7):
+            raise RuntimeError("nvImageCodec: CUDA driver failure")
+        return healthy(datas)
+
+    monkeypatch.setattr(decoder, "_decode_nvimgcodec", fault)
+    decoder._nv_failing.rest = 2
+    rng = np.random.default_rng(8)
+    datas = [jpeg_bytes(photo(rng, 90, 120)), jpeg_bytes(photo(rng, 80, 100))]
+    expected = decoder.resize_crop_batch(healthy(datas))
+    got = [decoder.decode(datas) for _ in range(10)]
+    # batches 1-3 fail, 4-5 rest (not asked), 6 decodes, 7-9 fail (a second row), 10 rests
+    assert len(calls) == 7
+    for k, images in enumerate(got, start=1):
+        if k == 6:
+            assert all(torch.equal(a, b) for a, b in zip(images, expected, strict=True))
+        else:
+            assert images == [None, None]  # the caller decodes them on the CPU
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert sum("failed a batch" in w for w in warnings) == 1
+    assert sum("in a row" in w for w in warnings) == 1
