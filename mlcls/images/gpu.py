@@ -130,8 +130,8 @@ class GpuJpegDecoder:
             raise ImportError("nvImageCodec is not installed, or cannot decode JPEGs on this GPU: "
                               "pip install 'mlcls[gpu]'")
         self.backend = "nvimgcodec" if self._nv is not None else "torchvision"
-        self._short_of_memory = False  # said once: a run short of device memory would say it every batch
-        self._nv_failing = BatchFailures()
+        self._first = FirstWarning()
+        self._nv_failing = BatchFailures(self._first)
         log.info("GPU JPEG decode on %s with %s", device, self.backend)
 
     def decode(self, datas: list[bytes]) -> list[torch.Tensor | None]:
@@ -233,10 +233,8 @@ class GpuJpegDecoder:
             return [img for p in parts for img in _to_uint8(p).movedim(-3, -1)]
 
     def _say_short_of_memory(self, doing: str) -> None:
-        if not self._short_of_memory:
-            log.warning("out of memory on %s %s: carrying on (such images decode on the CPU, or round in "
-                        "parts; said once)", self.device, doing)
-            self._short_of_memory = True
+        log.log(self._first.level("out of memory"), "out of memory on %s %s: carrying on (such images decode on "
+                "the CPU, or round in parts; said once)", self.device, doing)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -273,6 +271,19 @@ class GpuJpegDecoder:
                               pre.size)
 
 
+class FirstWarning:
+    """The log level for a kind of trouble: warning the first time it is said, debug after. A run short
+    of device memory, or beside a faulty decoder, would otherwise say it every batch."""
+
+    def __init__(self) -> None:
+        self._said: set[str] = set()
+
+    def level(self, kind: str) -> int:
+        first = kind not in self._said
+        self._said.add(kind)
+        return logging.WARNING if first else logging.DEBUG
+
+
 class BatchFailures:
     """When nvImageCodec fails whole batches (a library or driver fault, not a bad file: those come back
     as None one by one), what to say and when to stop asking it.
@@ -285,9 +296,9 @@ class BatchFailures:
     stays costs one try in `rest` instead of a failed call every batch.
     """
 
-    def __init__(self, give_up: int = 3, rest: int = 64) -> None:
-        self.give_up, self.rest = give_up, rest
-        self.in_row = self.total = self.resting_left = self.rests = 0
+    def __init__(self, first: FirstWarning, give_up: int = 3, rest: int = 64) -> None:
+        self.give_up, self.rest, self._first = give_up, rest, first
+        self.in_row = self.total = self.resting_left = 0
 
     def resting(self) -> bool:
         """Whether to skip the GPU decoder for this batch (counts the batch down)."""
@@ -300,13 +311,11 @@ class BatchFailures:
         """Count a failed batch of `size`; say so (see the class) and rest after `give_up` in a row."""
         self.in_row += 1
         self.total += 1
-        level = logging.WARNING if self.total == 1 else logging.DEBUG
-        log.log(level, "nvImageCodec failed a batch of %d JPEGs (%s): decoding them on the CPU", size, err)
+        log.log(self._first.level("nvImageCodec failed"), "nvImageCodec failed a batch of %d JPEGs (%s): "
+                "decoding them on the CPU", size, err)
         if self.in_row >= self.give_up:
-            self.rests += 1
-            level = logging.WARNING if self.rests == 1 else logging.DEBUG
-            log.log(level, "nvImageCodec failed %d batches in a row (%d in all): the next %d batches decode on "
-                    "the CPU, then it is tried again", self.in_row, self.total, self.rest)
+            log.log(self._first.level("nvImageCodec rests"), "nvImageCodec failed %d batches in a row (%d in all): "
+                    "the next %d batches decode on the CPU, then it is tried again", self.in_row, self.total, self.rest)
             self.resting_left = self.rest
 
     def succeeded(self) -> None:
