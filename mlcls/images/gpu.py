@@ -132,6 +132,7 @@ class GpuJpegDecoder:
         self.backend = "nvimgcodec" if self._nv is not None else "torchvision"
         self._first = FirstWarning()
         self._nv_failing = BatchFailures(self._first)
+        self._sits_out = False  # this batch skips nvImageCodec (`next_batch`)
         log.info("GPU JPEG decode on %s with %s", device, self.backend)
 
     def decode(self, datas: list[bytes]) -> list[torch.Tensor | None]:
@@ -149,9 +150,19 @@ class GpuJpegDecoder:
         images = self._decode_nvimgcodec_or_none(datas) if self._nv is not None else self._decode_torchvision(datas)
         return self.resize_crop_batch(images)
 
+    def next_batch(self) -> None:
+        """Count one batch handed to the device, JPEGs in it or not: a rest lasts that many batches even
+        when the decode workers, told by `wants_jpegs`, send none meanwhile."""
+        self._sits_out = self._nv is not None and self._nv_failing.resting()
+
+    def wants_jpegs(self) -> bool:
+        """Whether decode workers should leave plain JPEGs as bytes for this decoder now: not while
+        nvImageCodec rests, so that the worker pool, not the thread that feeds the device, decodes them."""
+        return self._nv is None or not self._nv_failing.rests
+
     def _decode_nvimgcodec_or_none(self, datas: list[bytes]) -> list[torch.Tensor | None]:
-        """nvImageCodec's images, or all None (the CPU path) where it fails the batch or is resting."""
-        if self._nv_failing.resting():
+        """nvImageCodec's images, or all None (the CPU path) where it fails the batch or this batch sits out."""
+        if self._sits_out:
             return [None] * len(datas)
         try:
             images = self._decode_nvimgcodec(datas)
@@ -291,14 +302,24 @@ class BatchFailures:
     The first failure and the first rest are said at warning level, later ones at debug: a run
     that fails every batch would otherwise say it a million times. After
     `give_up` failures in a row the decoder rests for `rest` batches (the
-    CPU path decodes them) and then tries one again, so a fault that
-    passes (memory short for a moment) costs a few batches, and one that
-    stays costs one try in `rest` instead of a failed call every batch.
+    decode workers decode their JPEGs meanwhile, `GpuJpegDecoder.wants_jpegs`)
+    and then tries one again. A failed retry doubles the next rest, up to
+    `longest`; a success brings it back to `rest`. So a fault that passes
+    (memory short for a moment) costs a few batches, and one that stays costs
+    a retry ever more rarely: each retry also sends the batches already in
+    flight with JPEG bytes through the CPU path in the thread that feeds the
+    device, the slow place to decode.
     """
 
-    def __init__(self, first: FirstWarning, give_up: int = 3, rest: int = 64) -> None:
-        self.give_up, self.rest, self._first = give_up, rest, first
+    def __init__(self, first: FirstWarning, give_up: int = 3, rest: int = 64, longest: int = 4096) -> None:
+        self.give_up, self.rest, self.longest, self._first = give_up, rest, longest, first
         self.in_row = self.total = self.resting_left = 0
+        self._next_rest = rest
+
+    @property
+    def rests(self) -> bool:
+        """Whether the decoder is resting now (counts nothing)."""
+        return self.resting_left > 0
 
     def resting(self) -> bool:
         """Whether to skip the GPU decoder for this batch (counts the batch down)."""
@@ -315,12 +336,15 @@ class BatchFailures:
                 "decoding them on the CPU", size, err)
         if self.in_row >= self.give_up:
             log.log(self._first.level("nvImageCodec rests"), "nvImageCodec failed %d batches in a row (%d in all): "
-                    "the next %d batches decode on the CPU, then it is tried again", self.in_row, self.total, self.rest)
-            self.resting_left = self.rest
+                    "the next %d batches decode on the CPU, then it is tried again", self.in_row, self.total,
+                    self._next_rest)
+            self.resting_left = self._next_rest
+            self._next_rest = min(self.longest, 2 * self._next_rest)
 
     def succeeded(self) -> None:
-        """A batch decoded: the next failure starts a new row."""
+        """A batch decoded: the next failure starts a new row, and a rest is `rest` batches again."""
         self.in_row = 0
+        self._next_rest = self.rest
 
 
 def _to_uint8(img: torch.Tensor) -> torch.Tensor:

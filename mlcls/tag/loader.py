@@ -109,6 +109,7 @@ class Loader:
                                  storage_options=dict(storage_options or {}),
                                  **({"max_pixels": max_pixels} if max_pixels else {}))
         self.gpu_decoder = gpu_decoder
+        self._cpu_config = replace(self.config, gpu_share=0.0)
         self.pin_memory = pin_memory
         self.processes = default_pool(decode_workers) == "processes" if processes is None else processes
         self.decode_workers = decode_workers
@@ -138,9 +139,15 @@ class Loader:
             self._resumed.wait_for(lambda: self._pauses == 0)
         with self._decode_slots:
             started = time.perf_counter()
-            decoded = decode_one(data, self.config, record.uri)
+            decoded = decode_one(data, self._task_config(), record.uri)
             self.decode_clock.add(time.perf_counter() - started)
             return decoded
+
+    def _task_config(self) -> LoadConfig:
+        """The config a new decode task gets: every image decoded by the workers while the GPU decoder rests
+        (`GpuJpegDecoder.wants_jpegs`), as the thread that feeds the device would decode them otherwise."""
+        gpu = self.gpu_decoder
+        return self.config if gpu is None or gpu.wants_jpegs() else self._cpu_config
 
     @contextmanager
     def decode_paused(self) -> Iterator[None]:
@@ -191,10 +198,11 @@ class Loader:
         pending: deque[tuple[_Chunk, Future]] = deque()
 
         def submit(chunk: _Chunk) -> tuple[_Chunk, Future]:
-            if arena is not None:
+            config = self._task_config()
+            if arena is not None and config.gpu_share > 0:
                 chunk.spans = self._reserve(chunk.records, pending)
             return chunk, self._pool.submit(
-                load_chunk, [r.uri for r in chunk.records], self.config, self._ring_id, next(starts) % len(self._ring),
+                load_chunk, [r.uri for r in chunk.records], config, self._ring_id, next(starts) % len(self._ring),
                 [r.size for r in chunk.records], arena.id if arena else None, chunk.spans)
 
         chunks = _chunks(records, count, arena, self.decode_workers)
@@ -256,7 +264,8 @@ class Loader:
         from torch.utils.data import DataLoader
 
         workers = max(1, min(self.decode_workers, -(-len(records) // batch_size)))
-        loader = DataLoader(_ShardBatches(records, self.config, batch_size, self.preprocess.size), batch_size=None,
+        shard = _ShardBatches(records, self._task_config(), batch_size, self.preprocess.size)
+        loader = DataLoader(shard, batch_size=None,
                             num_workers=workers, prefetch_factor=max(1, prefetch // workers + 1),
                             pin_memory=self.pin_memory, multiprocessing_context=_context(),
                             worker_init_fn=_forget_parent_exit_hooks)
@@ -281,10 +290,11 @@ class Loader:
         cannot decode goes through the CPU path, which gives it pixels or its error row).
         """
         decoded_order, decoded_parts = [], []
+        if self.gpu_decoder is not None:
+            self.gpu_decoder.next_batch()
         if batch.gpu:  # first: the GPU decode waits for the stream's queued work, this batch's copy not among it
             assert self.gpu_decoder is not None
-            done = self.gpu_decoder.decode_or_fallback([batch.decoded[i] for i in batch.gpu],
-                                                       replace(self.config, gpu_share=0.0))
+            done = self.gpu_decoder.decode_or_fallback([batch.decoded[i] for i in batch.gpu], self._cpu_config)
             for i, (decoded, img) in zip(batch.gpu, done, strict=True):
                 batch.decoded[i] = decoded
                 if img is not None:

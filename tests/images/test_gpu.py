@@ -13,7 +13,15 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from mlcls.images.decode import Decoded, plain_jpeg_size, prepare
-from mlcls.images.gpu import DEVICE_INTERPOLATION, GpuJpegDecoder, decodes_jpeg_on_gpu, probe_jpeg, resizes_on_device
+from mlcls.images.gpu import (
+    DEVICE_INTERPOLATION,
+    BatchFailures,
+    FirstWarning,
+    GpuJpegDecoder,
+    decodes_jpeg_on_gpu,
+    probe_jpeg,
+    resizes_on_device,
+)
 from mlcls.images.load import LoadConfig
 from mlcls.images.preprocess import INTERPOLATIONS, Preprocess
 from mlcls.sources import FileRecord
@@ -316,11 +324,14 @@ def test_a_library_fault_on_whole_batches_is_said_once_and_rests_the_gpu_decoder
         return healthy(datas)
 
     monkeypatch.setattr(decoder, "_decode_nvimgcodec", fault)
-    decoder._nv_failing.rest = 2
+    decoder._nv_failing = BatchFailures(decoder._first, rest=2)
     rng = np.random.default_rng(8)
     datas = [jpeg_bytes(photo(rng, 90, 120)), jpeg_bytes(photo(rng, 80, 100))]
     expected = decoder.resize_crop_batch(healthy(datas))
-    got = [decoder.decode(datas) for _ in range(10)]
+    got = []
+    for _ in range(10):
+        decoder.next_batch()  # the loader counts every batch it hands to the device
+        got.append(decoder.decode(datas))
     # batches 1-3 fail, 4-5 rest (not asked), 6 decodes, 7-9 fail (a second row), 10 rests
     assert len(calls) == 7
     for k, images in enumerate(got, start=1):
@@ -331,3 +342,70 @@ def test_a_library_fault_on_whole_batches_is_said_once_and_rests_the_gpu_decoder
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert sum("failed a batch" in w for w in warnings) == 1
     assert sum("in a row" in w for w in warnings) == 1
+
+
+def test_a_fault_that_stays_is_retried_ever_more_rarely():
+    failures = BatchFailures(FirstWarning(), give_up=3, rest=2, longest=8)
+    tried = []
+    for batch in range(1, 30):
+        if not failures.resting():
+            tried.append(batch)
+            failures.failed(4, RuntimeError("driver fault"))
+    assert tried == [1, 2, 3, 6, 11, 20, 29]  # rests of 2, 4, 8, then capped at 8
+    while failures.resting():
+        pass
+    failures.succeeded()
+    for _ in range(3):
+        failures.failed(4, RuntimeError("again"))
+    assert failures.rests and failures.resting_left == 2  # after a success the next rest is short again
+
+
+def _failing_loader(tmp_path, processes: bool, rest: int) -> tuple[Loader, list[FileRecord], list[int]]:
+    rng = np.random.default_rng(5)
+    records = []
+    for i in range(120):
+        path = tmp_path / f"{i:03d}.jpg"
+        path.write_bytes(jpeg_bytes(photo(rng, 60 + i % 7, 80)))
+        records.append(FileRecord(uri=str(path)))
+    decoder = GpuJpegDecoder(PRE, torch.device("cpu"), backend="torchvision")
+    decoder._nv = object()  # as if nvImageCodec were loaded and failed every batch (a fault that stays)
+    decoder._nv_failing = BatchFailures(decoder._first, rest=rest, longest=rest)
+    calls: list[int] = []
+
+    def fault(datas):
+        calls.append(len(datas))
+        raise RuntimeError("nvImageCodec: CUDA driver failure")
+
+    decoder._decode_nvimgcodec = fault
+    return Loader(PRE, decode_workers=2, gpu_decoder=decoder, processes=processes), records, calls
+
+
+@pytest.mark.parametrize("processes", [False, True])
+def test_while_the_gpu_decoder_rests_the_decode_workers_decode_its_jpegs(tmp_path, processes):
+    loader, records, calls = _failing_loader(tmp_path, processes, rest=1000)
+    plain = Loader(PRE, decode_workers=1)
+    with_jpegs = 0
+    try:
+        for batch, reference in zip(loader.batches(records, batch_size=4), plain.batches(records, batch_size=4),
+                                    strict=True):
+            with_jpegs += bool(batch.gpu)
+            order, pixels = loader.device_pixels(batch, torch.device("cpu"))
+            assert sorted(order) == list(range(4))  # every image has pixels: the CPU path took the failed batches
+            assert torch.equal(pixels, reference.pixels[order])  # the same pixels as a run without a GPU
+    finally:
+        loader.close(wait=True)
+        plain.close(wait=True)
+    assert len(calls) == 3  # three failures in a row, then the rest outlasts the shard
+    # only the batches already read when the rest began carried JPEG bytes (to the feeding thread)
+    assert 3 <= with_jpegs <= 8, with_jpegs
+
+
+@pytest.mark.parametrize("processes", [False, True])
+def test_a_rest_ends_after_its_batches_though_none_of_them_carried_jpegs(tmp_path, processes):
+    loader, records, calls = _failing_loader(tmp_path, processes, rest=6)
+    try:
+        for batch in loader.batches(records, batch_size=4):
+            loader.device_pixels(batch, torch.device("cpu"))
+    finally:
+        loader.close(wait=True)
+    assert len(calls) > 3  # after 6 batches of rest the workers left JPEGs for the GPU again, and it was retried
