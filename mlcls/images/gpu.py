@@ -152,7 +152,8 @@ class GpuJpegDecoder:
 
     def next_batch(self) -> None:
         """Count one batch handed to the device, JPEGs in it or not: a rest lasts that many batches even
-        when the decode workers, told by `wants_jpegs`, send none meanwhile."""
+        when the decode workers, told by `wants_jpegs`, send none meanwhile. The loader calls it once a
+        batch; a caller that never does (a one-off `decode`) never rests the decoder."""
         self._sits_out = self._nv is not None and self._nv_failing.resting()
 
     def wants_jpegs(self) -> bool:
