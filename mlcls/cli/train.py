@@ -62,6 +62,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="peak learning rate: short warm-up, flat, cosine anneal over the last 30%% (default 1e-3)")
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--loss", default="bce", choices=["bce", "focal", "asl"])
+    p.add_argument("--label-smoothing", type=float, default=None, metavar="EPS",
+                   help="train toward 1-EPS/2 and EPS/2 instead of 1 and 0 (default: 0.1 with --loss bce, "
+                        "0 with focal and asl)")
     p.add_argument("--pos-weight", action="store_true", help="BCE pos_weight n_neg/n_pos per class (clipped to 10)")
     p.add_argument("--no-augment", action="store_true", help="no augmentation at all")
     p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=False,
@@ -164,6 +167,7 @@ def _train_config(args: argparse.Namespace) -> Any:
                        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
                        device=args.device, augment=not args.no_augment, hflip=args.hflip, vflip=args.vflip,
                        scale=(args.scale, 1.0), loss=args.loss, pos_weight=args.pos_weight, amp=not args.no_amp,
+                       label_smoothing=args.label_smoothing,
                        compile=args.compile, low_res=args.low_res,
                        low_res_share=args.low_res_epochs).validate()
 

@@ -12,6 +12,12 @@
 
 All reduce by the mean over every (image, class) element, so their scales
 are comparable and the learning rate need not change with the loss.
+
+`smoothing` ε (label smoothing, Szegedy et al. 2016, per binary problem)
+trains toward 1 − ε/2 and ε/2 instead of 1 and 0: a target the sigmoid can
+reach, so the logits of easy examples stop growing and the gradient stays
+on the hard ones. The 0.5 cut is unchanged (the targets are symmetric about
+it), and the calibrated thresholds are chosen on the smoothed model's scores.
 """
 
 from __future__ import annotations
@@ -73,14 +79,30 @@ class AsymmetricLoss(nn.Module):
         return -(pos + neg).mean()
 
 
-def make_loss(name: str, *, pos_weight: torch.Tensor | None = None) -> nn.Module:
-    """The loss called `name`; `pos_weight` only goes with `bce`."""
+class SmoothedTargets(nn.Module):
+    """`loss` against targets pulled `smoothing` / 2 toward 0.5 from each side."""
+
+    def __init__(self, loss: nn.Module, smoothing: float) -> None:
+        super().__init__()
+        self.loss, self.smoothing = loss, smoothing
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.loss(logits, targets * (1.0 - self.smoothing) + self.smoothing / 2)
+
+
+def make_loss(name: str, *, pos_weight: torch.Tensor | None = None, smoothing: float = 0.0) -> nn.Module:
+    """The loss called `name`, with label `smoothing` (see the module); `pos_weight` only goes with `bce`."""
     if name not in LOSSES:
         raise OptionError(f"--loss {name!r}: use one of {', '.join(LOSSES)}")
     if pos_weight is not None and name != "bce":
         raise OptionError(f"--pos-weight goes with --loss bce; {name} balances classes its own way")
+    if not 0 <= smoothing < 1:
+        raise OptionError(f"--label-smoothing must be in [0, 1), not {smoothing}")
+    loss: nn.Module
     if name == "focal":
-        return FocalLoss()
-    if name == "asl":
-        return AsymmetricLoss()
-    return nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+        loss = FocalLoss()
+    elif name == "asl":
+        loss = AsymmetricLoss()
+    else:
+        loss = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    return SmoothedTargets(loss, smoothing) if smoothing > 0 else loss

@@ -63,6 +63,7 @@ from mlcls.train.schedule import MAX_EPOCHS, default_epochs, default_low_res_sha
 from mlcls.train.weights import InitWeights, head_parameters, init_model
 
 logger = logging.getLogger(__name__)
+DEFAULT_SMOOTHING = 0.1  # label smoothing with BCE (issue 14, bench/RESULTS.md)
 MIN_LOW_RES = 32  # below this a reduced-resolution epoch teaches little about the full-size images
 __all__ = ["Augment", "TrainConfig", "TrainResult", "Trainer", "eval_pixels", "fit", "multi_hot", "train_pixels",
            "write_bundle"]
@@ -105,6 +106,7 @@ class TrainConfig:
     vflip: bool = False
     jitter: float = 0.1
     loss: str = "bce"
+    label_smoothing: float | None = None  # None: DEFAULT_SMOOTHING with bce, none with focal and asl
     pos_weight: bool = False
     amp: bool = True
     compile: bool = False
@@ -137,17 +139,28 @@ class TrainConfig:
             raise OptionError("--hflip and --vflip are augmentations: drop them or --no-augment")
         if self.pos_weight and self.loss != "bce":
             raise OptionError(f"--pos-weight goes with --loss bce; {self.loss} balances classes its own way")
+        if self.label_smoothing is not None and not 0 <= self.label_smoothing < 1:
+            raise OptionError(f"--label-smoothing must be in [0, 1), not {self.label_smoothing}")
         return self
 
     def for_data(self, train_images: int, reduced_precision: bool = False) -> TrainConfig:
-        """This config with `epochs` and `low_res_share` fixed: the given ones, or those that fit
-        `train_images` and the precision the steps run in (`schedule.default_epochs`, `default_low_res_share`).
+        """This config with `epochs`, `low_res_share` and `label_smoothing` fixed: the given ones, or those that
+        fit `train_images`, the precision the steps run in and the loss (`schedule.default_epochs`,
+        `default_low_res_share`, `smoothing`).
         Given epochs with no share given train at full size throughout: a pinned schedule stays plain."""
         share = self.low_res_share
         if share is None:
             share = default_low_res_share(reduced_precision) if self.epochs is None else 0.0
         epochs = self.epochs or default_epochs(train_images)
-        return replace(self, epochs=epochs, low_res_share=share).validate()
+        return replace(self, epochs=epochs, low_res_share=share, label_smoothing=self.smoothing()).validate()
+
+    def smoothing(self) -> float:
+        """The label smoothing this run trains with: the given one, else `DEFAULT_SMOOTHING` with BCE
+        (measured there, bench/RESULTS.md) and none with focal or asymmetric loss, which weigh easy and
+        hard targets their own way."""
+        if self.label_smoothing is not None:
+            return self.label_smoothing
+        return DEFAULT_SMOOTHING if self.loss == "bce" else 0.0
 
     def autocast_dtype(self) -> torch.dtype | None:
         """The autocast dtype this config trains in on its device (None: plain fp32)."""
@@ -213,7 +226,8 @@ class Trainer:
         self.normalise = Normaliser(pre, self.device)
         self.augment = Augment(pre.size, scale=cfg.scale, hflip=cfg.hflip, vflip=cfg.vflip, jitter=cfg.jitter)
         self.size = pre.size
-        self.loss_fn = make_loss(cfg.loss, pos_weight=None if pos_weight is None else pos_weight.to(self.device))
+        self.loss_fn = make_loss(cfg.loss, pos_weight=None if pos_weight is None else pos_weight.to(self.device),
+                                 smoothing=cfg.smoothing())
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         total = self.epochs * steps_per_epoch
         self.sched = torch.optim.lr_scheduler.LambdaLR(
@@ -429,7 +443,8 @@ def write_bundle(result: TrainResult, out: str, *, name: str, classes: Sequence[
                        "positives": report["positives"], "at_thresholds": report["at_thresholds"],
                        "at_0.5": at_half, "at_top3": report["at_top3"]},
         "thresholds": result.threshold_info,
-        "training": {**cfg.to_dict(), "epochs": result.epochs or cfg.epochs, "precision": result.precision,
+        "training": {**cfg.to_dict(), "epochs": result.epochs or cfg.epochs, "label_smoothing": cfg.smoothing(),
+                     "precision": result.precision,
                      "best_epoch": result.best_epoch, "seconds": round(result.seconds, 1),
                      "history": [{k: round(v, 5) for k, v in h.items()} for h in result.history], **(extra or {})},
     }

@@ -6,12 +6,16 @@ import json
 import re
 from xml.etree import ElementTree
 
+import numpy as np
 import pytest
 import torch
 import torchvision
 
 from mlcls.bundle import load_bundle
 from mlcls.cli.main import main
+from mlcls.train import metrics
+from mlcls.train.labels import LabelsSpec
+from mlcls.train.scoring import read_eval_labels, score_table
 from tests.helpers.training import TRAIN_ARGS, one_torch_thread, read_rows, write_rows, write_shapes
 
 
@@ -76,7 +80,12 @@ def test_calibrate_recalibrates_or_sets_thresholds_and_keeps_the_weights(trained
     m = json.loads((tmp_path / "r" / "metrics.json").read_text())
     rec = info["calibration"]
     assert m["at_thresholds"]["macro_f1"] == pytest.approx(rec["at_new_thresholds"]["macro_f1"], abs=1e-9)
-    assert rec["at_new_thresholds"]["macro_f1"] >= rec["at_previous_thresholds"]["macro_f1"]
+    scored = score_table(before, read_eval_labels(LabelsSpec(str(labels)), before.classes), device="cpu")
+    expected, _ = metrics.calibrate_thresholds(scored.scores, scored.targets, min_positives=3)
+    assert after.thresholds == pytest.approx(expected.tolist(), abs=1e-9)
+    own = np.asarray(info["own_thresholds"])  # before shrinkage: each class's max-F1 cut on these images
+    assert metrics.classification_metrics(scored.scores >= own, scored.targets)["macro_f1"] >= \
+        rec["at_previous_thresholds"]["macro_f1"]
 
     assert main(["calibrate", str(tmp_path / "b2"), "--threshold", "0.3"]) == 0
     assert set(load_bundle(str(tmp_path / "b2")).thresholds) == {0.3}

@@ -20,7 +20,7 @@ from mlcls.tag.job import TagOptions, tag_images
 from mlcls.train import metrics
 from mlcls.train.augment import Augment
 from mlcls.train.labels import LabelsSpec, multi_hot
-from mlcls.train.losses import AsymmetricLoss, FocalLoss, auto_pos_weight
+from mlcls.train.losses import AsymmetricLoss, FocalLoss, SmoothedTargets, auto_pos_weight, make_loss
 from mlcls.train.train_job import train_from_labels
 from mlcls.train.trainer import TrainConfig, Trainer, eval_pixels, fit, train_pixels
 from mlcls.train.weights import load_init_weights
@@ -151,6 +151,24 @@ def test_losses_reduce_to_bce_and_asl_ignores_easy_negatives():
     assert FocalLoss()(logits, targets) < bce
     weights = auto_pos_weight(np.array([[1, 0, 0]] * 5 + [[0, 0, 1]] * 30 + [[0, 0, 0]] * 65))
     assert weights.tolist() == pytest.approx([10.0, 1.0, 70 / 30])  # 95/5 clipped to 10; no positive: 1
+
+
+def test_label_smoothing_trains_toward_reachable_targets_on_every_loss():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(8, 5) * 3, (torch.rand(8, 5) < 0.3).float()
+    smoothed = make_loss("bce", smoothing=0.1)(logits, targets)
+    assert torch.allclose(smoothed, F.binary_cross_entropy_with_logits(logits, targets * 0.9 + 0.05), atol=1e-6)
+    assert make_loss("bce", smoothing=0.0)(logits, targets) == F.binary_cross_entropy_with_logits(logits, targets)
+    # the loss is least where the sigmoid meets the smoothed target, not at an infinite logit
+    z = torch.linspace(-8, 8, 1601)[:, None]
+    per_logit = torch.stack([make_loss("bce", smoothing=0.1)(v.view(1, 1), torch.ones(1, 1)) for v in z])
+    assert torch.sigmoid(z[per_logit.argmin()]).item() == pytest.approx(0.95, abs=1e-3)
+    for name in ("focal", "asl"):
+        assert isinstance(make_loss(name, smoothing=0.1), SmoothedTargets)
+    with pytest.raises(OptionError, match="--label-smoothing must be in \\[0, 1\\)"):
+        TrainConfig(label_smoothing=1.0).validate()
+    assert TrainConfig().smoothing() == 0.1 and TrainConfig(loss="asl").smoothing() == 0.0
+    assert TrainConfig(loss="focal", label_smoothing=0.2).smoothing() == 0.2
 
 
 @pytest.mark.parametrize("loss, pos_weight", [("focal", False), ("asl", False), ("bce", True)])
