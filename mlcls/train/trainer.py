@@ -1,8 +1,9 @@
 """Train a multi-label classifier and write it as a bundle.
 
 Multi-label, not multi-class: one logit per class, sigmoid, binary
-cross-entropy with logits (focal and asymmetric losses as options); an image
-with no labels is a valid example whose targets are all zero. Thresholds are
+cross-entropy with logits and label smoothing 0.1 (focal and asymmetric
+losses as options); an image with no labels is a valid example whose
+targets are all (smoothed) zeros. Thresholds are
 calibrated per class on the validation split (`metrics.calibrate_thresholds`)
 and stored in the bundle with the validation metrics, so `mlcls tag` applies
 exactly what was measured.
