@@ -90,14 +90,19 @@ class SmoothedTargets(nn.Module):
         return self.loss(logits, targets * (1.0 - self.smoothing) + self.smoothing / 2)
 
 
-def make_loss(name: str, *, pos_weight: torch.Tensor | None = None, smoothing: float = 0.0) -> nn.Module:
-    """The loss called `name`, with label `smoothing` (see the module); `pos_weight` only goes with `bce`."""
+def check_loss_options(name: str, *, pos_weight: bool = False, smoothing: float = 0.0) -> None:
+    """One line on what to fix where the loss options do not go together (checked before any work)."""
     if name not in LOSSES:
         raise OptionError(f"--loss {name!r}: use one of {', '.join(LOSSES)}")
-    if pos_weight is not None and name != "bce":
+    if pos_weight and name != "bce":
         raise OptionError(f"--pos-weight goes with --loss bce; {name} balances classes its own way")
     if not 0 <= smoothing < 1:
         raise OptionError(f"--label-smoothing must be in [0, 1), not {smoothing}")
+
+
+def make_loss(name: str, *, pos_weight: torch.Tensor | None = None, smoothing: float = 0.0) -> nn.Module:
+    """The loss called `name`, with label `smoothing` (see the module); `pos_weight` only goes with `bce`."""
+    check_loss_options(name, pos_weight=pos_weight is not None, smoothing=smoothing)
     loss: nn.Module
     if name == "focal":
         loss = FocalLoss()

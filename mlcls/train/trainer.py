@@ -59,7 +59,7 @@ from mlcls.train.augment import Augment, centre, shrink
 from mlcls.train.checkpoint import fingerprint, load_checkpoint, save_checkpoint
 from mlcls.train.image_cache import stored_preprocess
 from mlcls.train.labels import multi_hot
-from mlcls.train.losses import LOSSES, auto_pos_weight, make_loss
+from mlcls.train.losses import auto_pos_weight, check_loss_options, make_loss
 from mlcls.train.schedule import MAX_EPOCHS, default_epochs, default_low_res_share, lr_factor, validated_epochs
 from mlcls.train.weights import InitWeights, head_parameters, init_model
 
@@ -128,8 +128,6 @@ class TrainConfig:
             raise OptionError("warm-up and anneal are shares of the steps: each in [0, 1], together at most 1")
         if not 0 <= self.jitter < 1:
             raise OptionError(f"--jitter must be in [0, 1), not {self.jitter}")
-        if self.loss not in LOSSES:
-            raise OptionError(f"--loss {self.loss!r}: use one of {', '.join(LOSSES)}")
         if not 0 < self.low_res <= 1:
             raise OptionError(f"--low-res is a share of the side, in (0, 1], not {self.low_res}")
         if self.low_res_share is not None and not 0 <= self.low_res_share < 1:
@@ -138,10 +136,7 @@ class TrainConfig:
             raise OptionError("precise_bn (images for batch-norm statistics) must be >= 0")
         if not self.augment and (self.hflip or self.vflip):
             raise OptionError("--hflip and --vflip are augmentations: drop them or --no-augment")
-        if self.pos_weight and self.loss != "bce":
-            raise OptionError(f"--pos-weight goes with --loss bce; {self.loss} balances classes its own way")
-        if self.label_smoothing is not None and not 0 <= self.label_smoothing < 1:
-            raise OptionError(f"--label-smoothing must be in [0, 1), not {self.label_smoothing}")
+        check_loss_options(self.loss, pos_weight=self.pos_weight, smoothing=self.smoothing())
         return self
 
     def for_data(self, train_images: int, reduced_precision: bool = False) -> TrainConfig:

@@ -311,20 +311,29 @@ def test_out_of_device_memory_rounding_the_batch_rounds_it_in_parts_with_the_sam
     assert "rounding a batch of 3" in caplog.text
 
 
-def test_a_library_fault_on_whole_batches_is_said_once_and_rests_the_gpu_decoder(monkeypatch, caplog):
+def _faulty_decoder(failing_calls, rest: int, longest: int = 4096) -> tuple[GpuJpegDecoder, list[int]]:
+    """A decoder as if nvImageCodec were loaded, its batch call a stand-in that raises on the calls (1-based)
+    `failing_calls` accepts, as a library or driver fault does (the whole batch, not one image's None), and
+    decodes with torchvision's CPU decoder otherwise; with the list of its calls' batch sizes."""
     decoder = GpuJpegDecoder(PRE, torch.device("cpu"), backend="torchvision")
-    decoder._nv = object()  # as if nvImageCodec were loaded; its batch call is the stand-in below
-    calls = []
+    decoder._nv = object()
+    decoder._nv_failing = BatchFailures(decoder._first, rest=rest, longest=longest)
+    calls: list[int] = []
     healthy = decoder._decode_torchvision
 
-    def fault(datas):  # a library or driver fault: the whole batch raises, not one image's None
+    def stand_in(datas):
         calls.append(len(datas))
-        if len(calls) in (1, 2, 3, 5, 6, 7):
+        if failing_calls(len(calls)):
             raise RuntimeError("nvImageCodec: CUDA driver failure")
         return healthy(datas)
 
-    monkeypatch.setattr(decoder, "_decode_nvimgcodec", fault)
-    decoder._nv_failing = BatchFailures(decoder._first, rest=2)
+    decoder._decode_nvimgcodec = stand_in
+    return decoder, calls
+
+
+def test_a_library_fault_on_whole_batches_is_said_once_and_rests_the_gpu_decoder(caplog):
+    decoder, calls = _faulty_decoder(lambda call: call in (1, 2, 3, 5, 6, 7), rest=2)
+    healthy = decoder._decode_torchvision
     rng = np.random.default_rng(8)
     datas = [jpeg_bytes(photo(rng, 90, 120)), jpeg_bytes(photo(rng, 80, 100))]
     expected = decoder.resize_crop_batch(healthy(datas))
@@ -367,16 +376,7 @@ def _failing_loader(tmp_path, processes: bool, rest: int) -> tuple[Loader, list[
         path = tmp_path / f"{i:03d}.jpg"
         path.write_bytes(jpeg_bytes(photo(rng, 60 + i % 7, 80)))
         records.append(FileRecord(uri=str(path)))
-    decoder = GpuJpegDecoder(PRE, torch.device("cpu"), backend="torchvision")
-    decoder._nv = object()  # as if nvImageCodec were loaded and failed every batch (a fault that stays)
-    decoder._nv_failing = BatchFailures(decoder._first, rest=rest, longest=rest)
-    calls: list[int] = []
-
-    def fault(datas):
-        calls.append(len(datas))
-        raise RuntimeError("nvImageCodec: CUDA driver failure")
-
-    decoder._decode_nvimgcodec = fault
+    decoder, calls = _faulty_decoder(lambda call: True, rest=rest, longest=rest)  # a fault that stays
     return Loader(PRE, decode_workers=2, gpu_decoder=decoder, processes=processes), records, calls
 
 

@@ -161,7 +161,8 @@ def test_label_smoothing_trains_toward_reachable_targets_on_every_loss():
     assert make_loss("bce", smoothing=0.0)(logits, targets) == F.binary_cross_entropy_with_logits(logits, targets)
     # the loss is least where the sigmoid meets the smoothed target, not at an infinite logit
     z = torch.linspace(-8, 8, 1601)[:, None]
-    per_logit = torch.stack([make_loss("bce", smoothing=0.1)(v.view(1, 1), torch.ones(1, 1)) for v in z])
+    loss = make_loss("bce", smoothing=0.1)
+    per_logit = torch.stack([loss(v.view(1, 1), torch.ones(1, 1)) for v in z])
     assert torch.sigmoid(z[per_logit.argmin()]).item() == pytest.approx(0.95, abs=1e-3)
     for name in ("focal", "asl"):
         assert isinstance(make_loss(name, smoothing=0.1), SmoothedTargets)
