@@ -92,7 +92,7 @@ def train_from_labels(spec: LabelsSpec, out: str, *, cfg: TrainConfig, pre: Prep
     record = {"train_images": len(train_y), "val_images": len(val_y), "labels": spec.path,
               "weights": init.source if init else None, "dropped_keys": init.dropped if init else [],
               **(extra or {})}
-    bundle = write_bundle(result, out, name=name or _default_name(out), classes=plan.classes, pre=pre, cfg=cfg,
+    bundle = write_bundle(result, out, name=name or _default_name(out), classes=plan.classes, pre=pre,
                           storage_options=storage_options, extra=record, weights_dtype=weights_dtype)
     _remove(plan.checkpoint, storage_options)
     return Trained(bundle=bundle, result=result, train_images=len(train_y), val_uris=val_uris)

@@ -183,13 +183,17 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """The best model's weights, its validation outputs, calibrated thresholds and the history."""
+    """The best model's weights, its validation outputs, calibrated thresholds and the history.
+
+    `cfg` is the config the run trained with, every default fixed (epochs, reduced-size share, label
+    smoothing, frozen epochs, device), so the bundle records what ran rather than what was asked."""
 
     state_dict: dict[str, torch.Tensor]
     val_scores: np.ndarray
     val_targets: np.ndarray
     thresholds: np.ndarray
     threshold_info: dict[str, Any]
+    cfg: TrainConfig
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
     best_epoch: int = 0
@@ -363,6 +367,7 @@ class Trainer:
         thresholds, info = metrics.calibrate_thresholds(scores, val_y)
         return TrainResult(state_dict=state, val_scores=scores, val_targets=val_y, thresholds=thresholds,
                            threshold_info=info, history=self.history, seconds=time.perf_counter() - started,
+                           cfg=replace(self.cfg, freeze_epochs=self.frozen_epochs, device=self.device.type),
                            best_epoch=epoch, epochs=self.epochs,
                            precision=str(self.amp).replace("torch.", "") if self.amp else "fp32")
 
@@ -429,7 +434,7 @@ def run_epoch(trainer: Trainer, xs: torch.Tensor, ys: torch.Tensor, val_x: np.nd
 
 
 def write_bundle(result: TrainResult, out: str, *, name: str, classes: Sequence[str], pre: Preprocess,
-                 cfg: TrainConfig, storage_options: StorageOptions = None, extra: dict | None = None,
+                 storage_options: StorageOptions = None, extra: dict | None = None,
                  weights_dtype: str = "float32") -> Bundle:
     """The trained model as a bundle, with calibrated thresholds and validation metrics."""
     report = metrics.evaluate(result.val_scores, result.val_targets, result.thresholds, list(classes))
@@ -439,12 +444,11 @@ def write_bundle(result: TrainResult, out: str, *, name: str, classes: Sequence[
                        "positives": report["positives"], "at_thresholds": report["at_thresholds"],
                        "at_0.5": at_half, "at_top3": report["at_top3"]},
         "thresholds": result.threshold_info,
-        "training": {**cfg.to_dict(), "epochs": result.epochs or cfg.epochs, "label_smoothing": cfg.smoothing(),
-                     "precision": result.precision,
+        "training": {**result.cfg.to_dict(), "precision": result.precision,
                      "best_epoch": result.best_epoch, "seconds": round(result.seconds, 1),
                      "history": [{k: round(v, 5) for k, v in h.items()} for h in result.history], **(extra or {})},
     }
-    return save_bundle(out, name=name, arch=cfg.arch, classes=list(classes), state_dict=result.state_dict,
+    return save_bundle(out, name=name, arch=result.cfg.arch, classes=list(classes), state_dict=result.state_dict,
                        preprocess=pre, thresholds=[float(t) for t in result.thresholds],
                        threshold_method=result.threshold_info["method"], metrics=summary,
                        weights_dtype=weights_dtype, storage_options=storage_options)

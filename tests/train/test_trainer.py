@@ -60,6 +60,10 @@ def test_train_then_tag_gives_the_same_probabilities(tmp_path):
     assert [h["epoch"] for h in validated] == [2]  # only the anneal's epochs are validated
     assert bundle.metrics["training"]["best_epoch"] == max(validated, key=lambda h: h["val_mAP"])["epoch"]
     assert not (tmp_path / "bundle" / "checkpoint.pt").exists()
+    ran = {k: bundle.metrics["training"][k] for k in ("epochs", "low_res_share", "label_smoothing", "freeze_epochs",
+                                                      "device")}
+    assert ran == {"epochs": 2, "low_res_share": CFG.for_data(72).low_res_share, "label_smoothing": 0.1,
+                   "freeze_epochs": 0, "device": "cpu"}  # what ran, not the unfixed defaults
 
     tag_images(trained.val_uris, str(tmp_path / "tags"), model=str(tmp_path / "bundle"),
         options=TagOptions(device="cpu", batch_size=7))
