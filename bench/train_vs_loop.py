@@ -290,7 +290,8 @@ def main() -> None:
         results["mlcls"] = {**bundle_row(out, test_labels), "seconds": seconds}
         print("  mlcls:", json.dumps(results["mlcls"]), flush=True)
         if args.given_weights:
-            given = weights.removesuffix(".pt") + "-fit-split.pt"
+            root, ext = os.path.splitext(weights)
+            given = f"{root}-fit-split{ext or '.pt'}"
             _, results["given_weights_seconds"] = loop_model(given, fit_split(train_labels),
                                                              {**made_with, "split": "mlcls train"},
                                                              args.loop_epochs, args.seed)
