@@ -184,12 +184,12 @@ def fit_split(labels: str) -> str:
     """A labels file beside `labels` with only the rows `mlcls train` trains on (its default validation split
     left out), for weights that must not have seen that split."""
     spec = LabelsSpec(labels)
-    train_idx, _ = split(read_labels(spec), CLASSES, val_fraction=spec.val_fraction, seed=spec.seed)
-    with open(labels) as f:
-        header, *rows = f.read().splitlines()
+    table = read_labels(spec)
+    train_idx, _ = split(table, CLASSES, val_fraction=spec.val_fraction, seed=spec.seed)
+    rows = [f"{table.uris[i]},{' '.join(table.labels[i])}" for i in sorted(train_idx)]
     path = os.path.join(os.path.dirname(labels), "fit-split.csv")
     with open(path, "w") as f:
-        f.write("\n".join([header, *(rows[i] for i in sorted(train_idx))]) + "\n")
+        f.write("\n".join(["image,labels", *rows]) + "\n")
     return path
 
 

@@ -194,7 +194,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     v = trained.bundle.metrics["validation"]
     say(f"[bold]wrote bundle {args.out}[/bold]: {trained.bundle.model_id}, "
         f"{len(trained.bundle.classes)} classes, {trained.bundle.preprocess.size} px, best epoch "
-        f"{trained.result.best_epoch} of {trained.result.epochs}, {trained.result.seconds:.0f} s")
+        f"{trained.result.best_epoch} of {trained.result.cfg.epochs}, {trained.result.seconds:.0f} s")
     say(f"validation ({trained.val_images} images): mAP {v['mAP']:.4f}, macro-F1 "
         f"{v['at_thresholds']['macro_f1']:.4f} at calibrated thresholds "
         f"({v['at_0.5']['macro_f1']:.4f} at 0.5), Hamming loss {v['at_thresholds']['hamming_loss']:.4f}")

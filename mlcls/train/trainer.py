@@ -197,7 +197,6 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
     best_epoch: int = 0
-    epochs: int = 0
     precision: str = "fp32"
 
 
@@ -368,7 +367,7 @@ class Trainer:
         return TrainResult(state_dict=state, val_scores=scores, val_targets=val_y, thresholds=thresholds,
                            threshold_info=info, history=self.history, seconds=time.perf_counter() - started,
                            cfg=replace(self.cfg, freeze_epochs=self.frozen_epochs, device=self.device.type),
-                           best_epoch=epoch, epochs=self.epochs,
+                           best_epoch=epoch,
                            precision=str(self.amp).replace("torch.", "") if self.amp else "fp32")
 
 
