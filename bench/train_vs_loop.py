@@ -204,19 +204,32 @@ def fit_split(labels: str) -> str:
 def loop_model(path: str, labels: str, made_with: dict, epochs: int, seed: int) -> tuple[torch.nn.Module, float]:
     """The loop trained on `labels`, kept at `path` (a plain state dict, what `mlcls train --weights` reads) with
     a sidecar saying what it was trained on; if `path` exists and matches, it is loaded (no wall time)."""
-    sidecar = path + ".json"
-    if os.path.exists(path):
-        if not os.path.exists(sidecar) or _read_json(sidecar) != made_with:
-            raise SystemExit(f"{path} was not trained by this bench on these canvases and epochs "
-                             f"(see {sidecar}): give another --loop-weights path")
+    if kept(path, made_with, "--loop-weights"):
         model = torchvision.models.resnet18(num_classes=len(CLASSES))
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval(), float("nan")
     model, seconds = plain_loop(labels, epochs, seed)
     torch.save(model.state_dict(), path)
-    with open(sidecar, "w") as f:
-        json.dump(made_with, f)
+    keep_sidecar(path, made_with)
     return model, seconds
+
+
+def kept(path: str, made_with: dict, option: str) -> bool:
+    """Whether weights this bench made with `made_with` are at `path` (their sidecar says so); stops the run
+    if `path` holds other weights, which would score the wrong model."""
+    if not os.path.exists(path):
+        return False
+    sidecar = path + ".json"
+    if not os.path.exists(sidecar) or {k: _read_json(sidecar).get(k) for k in made_with} != made_with:
+        raise SystemExit(f"{path} was not made by this bench with {made_with} (see {sidecar}): "
+                         f"give another {option} path")
+    return True
+
+
+def keep_sidecar(path: str, made_with: dict, **measured: float) -> None:
+    """What the weights at `path` were made with (and how long it took), for `kept`."""
+    with open(path + ".json", "w") as f:
+        json.dump({**made_with, **measured}, f)
 
 
 def shapes_weights(path: str, cmd: str, arch: str, seed: int, tmp: str, images: int = 3000) -> str:
@@ -224,10 +237,7 @@ def shapes_weights(path: str, cmd: str, arch: str, seed: int, tmp: str, images: 
     kept at `path` with a sidecar; reused when they exist. A stand-in for ImageNet's, which are not offline here:
     the head has other classes, so fine-tuning drops it and starts with a frozen backbone, as from ImageNet."""
     made_with = {"task": "synth.HARD shapes", "images": images, "seed": seed, "arch": arch}
-    sidecar = path + ".json"
-    if os.path.exists(path):
-        if not os.path.exists(sidecar) or {**_read_json(sidecar), "seconds": 0} != {**made_with, "seconds": 0}:
-            raise SystemExit(f"{path} was not made by this bench for {arch} (see {sidecar}): give another path")
+    if kept(path, made_with, "--shapes-weights"):
         return path
     folder = os.path.join(tmp, "shapes")
     labels = synth.write_dataset(folder, images, seed + 100, synth.HARD, val_fraction=0.15)
@@ -236,8 +246,7 @@ def shapes_weights(path: str, cmd: str, arch: str, seed: int, tmp: str, images: 
     print(f"  shapes pretraining: {seconds:.0f} s, val mAP {load_bundle(out).metrics['validation']['mAP']:.4f}",
           flush=True)
     shutil.copyfile(os.path.join(out, "model.safetensors"), path)
-    with open(sidecar, "w") as f:
-        json.dump({**made_with, "seconds": seconds}, f)
+    keep_sidecar(path, made_with, seconds=seconds)
     return path
 
 
@@ -343,7 +352,7 @@ def main() -> None:
             out = os.path.join(tmp, f"bundle-from-{k}")
             seconds = run_mlcls(args.mlcls_cmd, train_labels, os.path.join(tmp, "train"), out, args.arch,
                                 [*extra, "--weights", os.path.abspath(path)])
-            results[f"mlcls_from {os.path.basename(path)}"] = {**bundle_row(out, test_labels), "seconds": seconds}
+            results[f"mlcls_from {k}: {os.path.basename(path)}"] = {**bundle_row(out, test_labels), "seconds": seconds}
     results["load_after"] = os.getloadavg()
     print_table(results)
     if args.json:
