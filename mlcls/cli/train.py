@@ -261,11 +261,13 @@ def training_progress(enabled: bool = True) -> Iterator[None]:
     """Progress bars for reading images and for each epoch (loss, then val mAP) while the block runs.
 
     The library's own lines (one per epoch, warnings) are log records, which `main` shows on the same console.
+    Only on a terminal: the bars are transient, so into a pipe or a CI log they would leave nothing but the
+    blank line rich writes when a live display stops (before an error, `\nmlcls: error: ...`).
     """
     from mlcls.cli.console import console
     from mlcls.cli.train_progress import TrainProgress
 
-    if not enabled:
+    if not enabled or not console.is_terminal:
         yield
         return
     with TrainProgress(console):
