@@ -330,29 +330,30 @@ def main() -> None:
             results["loop"] = {**score_row(scores, ys, None), "seconds": seconds, "epochs": args.loop_epochs}
             print("  loop:", json.dumps(results["loop"]), flush=True)
         extra = shlex.split(args.mlcls_args)
-        out = os.path.join(tmp, "bundle")
-        seconds = run_mlcls(args.mlcls_cmd, train_labels, os.path.join(tmp, "train"), out, args.arch, extra)
-        results["mlcls"] = {**bundle_row(out, test_labels), "seconds": seconds}
-        print("  mlcls:", json.dumps(results["mlcls"]), flush=True)
+
+        def mlcls_row(name: str, folder: str, *more: str) -> None:
+            """`mlcls train` on the training canvases into `tmp/folder`, scored on the test canvases."""
+            out = os.path.join(tmp, folder)
+            seconds = run_mlcls(args.mlcls_cmd, train_labels, os.path.join(tmp, "train"), out, args.arch,
+                                [*extra, *more])
+            results[name] = {**bundle_row(out, test_labels), "seconds": seconds}
+            print(f"  {name}:", json.dumps(results[name]), flush=True)
+
+        mlcls_row("mlcls", "bundle")
         if args.given_weights:
             root, ext = os.path.splitext(weights)
             given = f"{root}-fit-split{ext or '.pt'}"
             _, results["given_weights_seconds"] = loop_model(given, fit_split(train_labels),
                                                              {**made_with, "split": "mlcls train"},
                                                              args.loop_epochs, args.seed)
-            out = os.path.join(tmp, "bundle-ft")
-            seconds = run_mlcls(args.mlcls_cmd, train_labels, os.path.join(tmp, "train"), out, args.arch,
-                                [*extra, "--weights", given])
-            results["mlcls_given_weights"] = {**bundle_row(out, test_labels), "seconds": seconds}
+            mlcls_row("mlcls_given_weights", "bundle-ft", "--weights", given)
         files = list(args.weights_file)
         if args.shapes_weights:
             files.append(shapes_weights(args.shapes_weights, args.mlcls_cmd, args.arch, args.seed, tmp,
                                         args.shapes_images))
         for k, path in enumerate(files):
-            out = os.path.join(tmp, f"bundle-from-{k}")
-            seconds = run_mlcls(args.mlcls_cmd, train_labels, os.path.join(tmp, "train"), out, args.arch,
-                                [*extra, "--weights", os.path.abspath(path)])
-            results[f"mlcls_from {k}: {os.path.basename(path)}"] = {**bundle_row(out, test_labels), "seconds": seconds}
+            mlcls_row(f"mlcls_from {k}: {os.path.basename(path)}", f"bundle-from-{k}",
+                      "--weights", os.path.abspath(path))
     results["load_after"] = os.getloadavg()
     print_table(results)
     if args.json:
@@ -373,7 +374,7 @@ def print_table(r: dict) -> None:
              if "given_weights_seconds" in r else "") + "\n")
     print("| run | test mAP | macro-F1 at 0.5 | macro-F1 calibrated | FPR no-label (cal.) | epochs | wall s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for name in ["loop", "mlcls", "mlcls_given_weights", *sorted(k for k in r if k.startswith("mlcls_from "))]:
+    for name in ["loop", "mlcls", "mlcls_given_weights", *(k for k in r if k.startswith("mlcls_from "))]:
         if name not in r:
             continue
         m = r[name]
