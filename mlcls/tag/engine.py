@@ -173,6 +173,24 @@ def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
         return model
 
 
+def compile_options(device: torch.device) -> dict[str, object]:
+    """Inductor options for `device`: on a CPU, kernels that read torch's thread count when they run.
+
+    Dynamo recompiles a graph when torch's thread count changes (it guards
+    on it), and a CPU run changes it per batch (`mlcls.tag.threads`). By
+    default Inductor builds a CPU graph's kernels for the count at hand, so
+    each count costs a whole compile (24-29 s against 3-4 s for the second
+    count, mobilenet_v3_large, 2-core EPYC, bench/RESULTS.md); kernels that
+    read the count at run time are one build that every count reuses from
+    Inductor's cache, at the same speed.
+    """
+    if device.type != "cpu":
+        return {}
+    import torch._inductor.config as inductor
+
+    return {"cpp.dynamic_threads": True} if hasattr(inductor.cpp, "dynamic_threads") else {}
+
+
 class Engine:
     """A bundle's model on a device: uint8 batches in, probabilities out."""
 
@@ -191,7 +209,8 @@ class Engine:
             from mlcls.tag.compiling import use_compile_cache
 
             use_compile_cache()
-        self.model = torch.compile(model, dynamic=batch_size is None) if compile else model
+        self.model = torch.compile(model, dynamic=batch_size is None, options=compile_options(device)) \
+            if compile else model
         self.normalise = Normaliser(bundle.preprocess, device)
         self.thresholds = np.asarray(bundle.thresholds, dtype=np.float32)
         self.max_batch: int | None = None  # set by a CUDA out-of-memory error: batches are split to this size
@@ -199,6 +218,7 @@ class Engine:
         self.threads_chosen: dict[int, int] = {}  # decode threads -> torch threads the probe chose
         self._streams = _Streams(device) if device.type == "cuda" else None
         self._lock = threading.Lock()
+        self._warm_threads: set[int] = set()  # thread counts a compiled CPU engine has its graph for
 
     @torch.inference_mode()
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -213,6 +233,31 @@ class Engine:
     def probs(self, pixels: torch.Tensor) -> np.ndarray:
         """(N, H, W, 3) uint8 to (N, C) float32 probabilities (sigmoid, one per class)."""
         return self.submit(pixels).result()
+
+    def warm_threads(self, counts: set[int]) -> None:
+        """Give a compiled CPU engine its graph for each of these torch thread counts before a shard runs.
+
+        Dynamo recompiles at the first batch under a new thread count (3-4 s
+        with `compile_options`); in a shard whose thread balance probes its
+        splits that batch would be timed as the lean split's cost, and the
+        balance would keep all threads (bench/RESULTS.md, issue 11). Eager
+        engines and counts already seen cost nothing.
+        """
+        todo = sorted(counts - self._warm_threads) if self.compiled and self.device.type == "cpu" else []
+        if not todo:
+            return
+        size = self.bundle.preprocess.size
+        pixels = torch.zeros((self.pad_to or 1, size, size, 3), dtype=torch.uint8)
+        saved = torch.get_num_threads()
+        with self._lock:
+            try:
+                for n in todo:
+                    torch.set_num_threads(n)
+                    self.logits(pixels)
+                    self._warm_threads.add(n)
+            finally:
+                torch.set_num_threads(saved)
+        log.debug("compiled graph ready for %s torch thread(s)", ", ".join(map(str, todo)))
 
     def submit(self, pixels: torch.Tensor) -> Pending:
         """Start the forward pass of (N, H, W, 3) uint8 `pixels` (host or device); see `Pending`."""

@@ -325,11 +325,13 @@ def _infer(records: list, loader: Loader, engine: Engine, batch_size: int, probs
 
 def thread_balance(engine: Engine, loader: Loader, batches: int) -> ThreadBalance:
     """Probe torch's threads beside the decode threads on a CPU engine (`threads.py`); elsewhere leave them."""
-    if engine.device.type != "cpu" or engine.compiled or loader.processes or loader.dataloader \
+    if engine.device.type != "cpu" or loader.processes or loader.dataloader \
             or user_pinned_threads():
         return ThreadBalance.off()
-    return ThreadBalance(engine.threads_chosen, engine.base_threads, loader.decode_workers, loader.decode_clock,
-                         batches, pause=loader.decode_paused)
+    balance = ThreadBalance(engine.threads_chosen, engine.base_threads, loader.decode_workers,
+                            loader.decode_clock, batches, pause=loader.decode_paused)
+    engine.warm_threads(balance.thread_counts())  # a compiled engine's graphs, before the probe times them
+    return balance
 
 
 _PLANNED = [0]  # images the last plan in this process counted: the work `--compile auto` weighs

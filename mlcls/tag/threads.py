@@ -28,9 +28,12 @@ boost: a third arm times batches on all threads with decoding paused, and
 the lean split's estimate mixes its own batches with such ones in the share
 the decode threads leave free (`_lean_with_boost`).
 
-Only for in-process decode threads on an eager CPU engine (Inductor fixes
-a compiled kernel's thread count when it compiles), and only when the user
-has not set `OMP_NUM_THREADS` (then torch's threads are theirs).
+Only for in-process decode threads, and only when the user has not set
+`OMP_NUM_THREADS` (then torch's threads are theirs). A compiled engine is
+balanced too: its kernels read the thread count when they run
+(`engine.compile_options`), and its graph for each count the balance may
+set is built before the shard's first batch (`Engine.warm_threads`), since
+Dynamo recompiles under a new count and the probe would time that.
 """
 
 from __future__ import annotations
@@ -109,6 +112,10 @@ class ThreadBalance:
         else:
             self.fixed = base
         self._mark: tuple[float, int] = (0.0, 0)
+
+    def thread_counts(self) -> set[int]:
+        """Every torch thread count this balance may set: the probe's arms, the split chosen, all threads."""
+        return {self.saved, *(a.threads for a in self.arms), *([self.fixed] if self.fixed else [])}
 
     @classmethod
     def off(cls) -> ThreadBalance:

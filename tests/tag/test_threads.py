@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import polars as pl
 import pytest
 import torch
+import torchvision
 
+from mlcls.bundle import save_bundle
 from mlcls.images.preprocess import Preprocess
 from mlcls.sources import iter_source
-from mlcls.tag.engine import clear_engines, get_engine
-from mlcls.tag.job import TagOptions, get_bundle, tag_images
+from mlcls.tag import compiling
+from mlcls.tag.engine import Engine, clear_engines, compile_options, get_engine
+from mlcls.tag.job import TagOptions, get_bundle, tag_images, thread_balance
 from mlcls.tag.loader import Loader
 from mlcls.tag.threads import MIN_BATCHES, PROBE_BATCHES, StageClock, ThreadBalance
 from tests.helpers.images import write_images
@@ -159,3 +164,50 @@ def test_a_paused_loader_reads_but_decodes_nothing_until_the_pause_ends(tmp_path
         assert next(batches).ahead >= 2  # the batch after it is ready: a boost may pause decoding
     finally:
         loader.close()
+
+
+@pytest.mark.skipif(compiling.missing_compiler("cpu") is not None, reason="torch.compile needs a C++ compiler")
+def test_a_compiled_cpu_engine_is_balanced_with_its_graphs_ready_for_both_splits(two_threads, tmp_path, monkeypatch):
+    """Dynamo recompiles when torch's thread count changes: the balance must not time that as the lean split."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch.manual_seed(0)
+    save_bundle(str(tmp_path / "b"), name="r18", arch="resnet18", classes=["a", "b", "c"], thresholds=[0.5] * 3,
+                state_dict=torchvision.models.resnet18(num_classes=3).state_dict(),
+                preprocess=Preprocess(size=32, resize_size=32))  # resnet18 compiles fastest of the small models
+    bundle = get_bundle(str(tmp_path / "b"))
+    engine = Engine(bundle, torch.device("cpu"), precision="fp32", compile=True, batch_size=4)
+    eager = Engine(bundle, torch.device("cpu"), precision="fp32")
+    loader = Loader(bundle.preprocess, decode_workers=1)
+    try:
+        balance = thread_balance(engine, loader, MIN_BATCHES)
+    finally:
+        loader.close()
+    assert balance.fixed is None and [a.threads for a in balance.arms] == [2, 1, 2]  # it probes, as eager does
+    assert balance.thread_counts() == {1, 2}
+    torch._dynamo.utils.counters.clear()
+    pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8))
+    for threads in (1, 2, 1):
+        torch.set_num_threads(threads)
+        np.testing.assert_allclose(engine.probs(pixels), eager.probs(pixels), atol=1e-5)
+    assert not torch._dynamo.utils.counters["frames"]["total"]  # no recompile: both graphs were built up front
+
+
+@pytest.mark.skipif(compiling.missing_compiler("cpu") is not None, reason="torch.compile needs a C++ compiler")
+def test_compiled_cpu_kernels_take_the_thread_count_when_they_run(tmp_path, monkeypatch):
+    """Without `compile_options` Inductor writes `num_threads(N)` into every parallel loop when N is not the core
+    count, and a second thread count would cost a whole compile."""
+    from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Hardswish(), torch.nn.AdaptiveAvgPool2d(1))
+    compiled = torch.compile(model, options=compile_options(torch.device("cpu")))
+    saved = torch.get_num_threads()
+    torch.set_num_threads((os.cpu_count() or 1) + 1)  # not the core count
+    try:
+        x = torch.rand(4, 3, 32, 32)
+        with torch.no_grad():
+            out, code = run_and_get_code(compiled, x)
+            torch.testing.assert_close(out, model(x))
+    finally:
+        torch.set_num_threads(saved)
+    assert "#pragma omp parallel" in "".join(code) and "num_threads(" not in "".join(code)
