@@ -35,10 +35,10 @@ class CompileCost:
 
 # From bench/RESULTS.md. CUDA (one H100, ResNet-50 bf16): 24 s cold; 12,100 -> 19,061 img/s model only; the warm
 # figure is the CPU's ratio (a quarter of the cold compile), not measured there. Auto errs towards not compiling.
-# No CPU entry: `auto` runs eager on a CPU. There a compiled model gains model only (mobilenet_v3_large +14 % on a
-# 2-core AVX2 EPYC) but loses end to end (69 against 87 img/s, same run): Inductor fixes its kernels' thread count
-# when it compiles, so the compiled engine gives up the per-batch thread balance beside decoding (`threads.py`),
-# which is worth more. `--compile on` still compiles on a CPU.
+# No CPU entry: `auto` runs eager on a CPU. There the compiled model gains little or nothing model only
+# (mobilenet_v3_large +7 % on one 2-core AVX2 EPYC, -2 % on another) and a CPU run pays a compile for each thread
+# count its balance sets (`Engine.warm_threads`): end to end 63.6 img/s compiled against 66.0 eager, same run.
+# `--compile on` still compiles on a CPU, balanced like an eager run (53.6 img/s before, unbalanced).
 COSTS = {
     "cuda": CompileCost(cold=25.0, warm=8.0, saving=0.35),
 }
