@@ -618,8 +618,11 @@ def efficiency(a: argparse.Namespace, rows: list[tuple[str, dict]], workers: int
         return out
     per_core = rate.get("decode+preprocess, 1 thread, draft on", 0.0)
     cores = os.cpu_count() or 1
-    # each end-to-end row against the limit at its own precision: fp32 for `draft`, the resolved one for `auto`
-    for variant, model_row in (("draft", "model only, channels_last fp32"), ("auto", "model only, channels_last auto")):
+    # each end-to-end row against the limit at its own precision and compile setting: fp32 for `draft`, the
+    # resolved one for `auto`, the compiled model for `compile`
+    compiled = next((name for name in rate if name.startswith("model only, compile ")), "")
+    for variant, model_row in (("draft", "model only, channels_last fp32"), ("auto", "model only, channels_last auto"),
+                               ("compile", compiled)):
         model = rate.get(model_row, 0.0)
         e2e = {name: r for name, r in rate.items() if name == f"mlcls end to end, {variant}"}
         if not (per_core and model and e2e):
