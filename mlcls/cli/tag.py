@@ -28,7 +28,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-pixels", type=int, default=None,
                    help="larger images get an error row instead of being decoded (default: 100,000,000)")
     p.add_argument("--probs", default="all", help="probabilities kept: all, top-k:N or min:P (default: all)")
-    p.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16 (auto: fp32 on CPU)")
+    p.add_argument("--precision", default="auto",
+                   help="fp32, bf16, fp16 or auto (auto: bf16 on CUDA and on a CPU with AMX or avx512_bf16, else fp32)")
     p.add_argument("--no-draft", action="store_true",
                    help="decode JPEGs at full size and resize whole images: torchvision's pixels exactly (slower)")
     p.add_argument("--retry-errors", action="store_true",
