@@ -20,6 +20,8 @@ from mlcls.images.shared import new_shared, shared
 from mlcls.storage import describe_os_error, read_many
 
 READ_KIND = "read"  # the error kind of a file storage would not give us (after the retries): tagged next run
+MISSING = "file not found (listed, but not there when read)"  # a folder listing's file since deleted, or a URI
+# list's entry that never was (or is not yet): either way the next run tries it again
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ def new_ring(images: int, size: int) -> tuple[int, np.ndarray]:
 def read_error(err: BaseException) -> Decoded:
     """The error row of a file that could not be read after the retries (`storage.read_many`)."""
     if isinstance(err, FileNotFoundError):
-        return Decoded(pixels=None, error=f"{READ_KIND}: file not found (deleted after listing?)")
+        return Decoded(pixels=None, error=f"{READ_KIND}: {MISSING}")
     return Decoded(pixels=None, error=f"{READ_KIND}: {describe_os_error(err)}")
 
 

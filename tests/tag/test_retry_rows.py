@@ -97,3 +97,19 @@ def test_a_uri_list_with_repeats_gives_one_row_per_uri(tmp_path, tiny_bundle):
     assert df.height == 5 and df["uri"].n_unique() == 5
     as_list = tag_images([str(p) for p in paths] * 2, str(tmp_path / "out2"), tiny_bundle, OPTS)
     assert (as_list.listed, as_list.images) == (5, 5)
+
+
+def test_a_listed_file_that_is_not_there_is_a_read_row_and_is_tagged_once_it_is(tmp_path, tiny_bundle):
+    """An inventory (URI list) names a file that has not landed yet: one `read` row, the others tagged; the next
+    run, after the file lands, tags it without being asked."""
+    paths = write_images(tmp_path / "src", 3)
+    later, listing, out = tmp_path / "src" / "later.jpg", tmp_path / "list.txt", tmp_path / "out"
+    listing.write_text("".join(f"{p}\n" for p in [*paths, later]))
+    first = tag_images(str(listing), str(out), tiny_bundle, OPTS)
+    assert (first.images, first.error_kinds) == (4, {"read": 1})
+    assert _current(out)["later.jpg"] == "read: file not found (listed, but not there when read)"
+
+    later.write_bytes(paths[0].read_bytes())
+    second = tag_images(str(listing), str(out), tiny_bundle, OPTS)
+    assert (second.already_done, second.tagged, second.errors) == (3, 1, 0)
+    assert _current(out)["later.jpg"] is None
