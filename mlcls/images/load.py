@@ -20,8 +20,8 @@ from mlcls.images.shared import new_shared, shared
 from mlcls.storage import describe_os_error, read_many
 
 READ_KIND = "read"  # the error kind of a file storage would not give us (after the retries): tagged next run
-MISSING = "file not found (listed, but not there when read)"  # a folder listing's file since deleted, or a URI
-# list's entry that never was (or is not yet): either way the next run tries it again
+# A folder listing's file deleted since, or a URI list's entry that is not there (yet): the next run tries it again.
+MISSING = "file not found (listed, but not there when read)"
 
 
 @dataclass(frozen=True)

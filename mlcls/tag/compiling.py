@@ -44,6 +44,24 @@ COSTS = {
 }
 
 
+def compile_options(device_type: str) -> dict[str, object]:
+    """Inductor options for a device type: on a CPU, kernels that read torch's thread count when they run.
+
+    Dynamo recompiles a graph when torch's thread count changes (it guards
+    on it), and a CPU run changes it per batch (`mlcls.tag.threads`). By
+    default Inductor builds a CPU graph's kernels for the count at hand, so
+    each count costs a whole compile (24-29 s against 3-4 s for the second
+    count, mobilenet_v3_large, 2-core EPYC, bench/RESULTS.md); kernels that
+    read the count at run time are one build that every count reuses from
+    Inductor's cache, at the same speed.
+    """
+    if device_type != "cpu":
+        return {}
+    import torch._inductor.config as inductor
+
+    return {"cpp.dynamic_threads": True} if hasattr(inductor.cpp, "dynamic_threads") else {}
+
+
 def cache_dir() -> str:
     """`$MLCLS_CACHE` or `$XDG_CACHE_HOME/mlcls` or `~/.cache/mlcls`, then `inductor`."""
     base = os.environ.get("MLCLS_CACHE") or os.path.join(

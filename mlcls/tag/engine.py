@@ -173,24 +173,6 @@ def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
         return model
 
 
-def compile_options(device: torch.device) -> dict[str, object]:
-    """Inductor options for `device`: on a CPU, kernels that read torch's thread count when they run.
-
-    Dynamo recompiles a graph when torch's thread count changes (it guards
-    on it), and a CPU run changes it per batch (`mlcls.tag.threads`). By
-    default Inductor builds a CPU graph's kernels for the count at hand, so
-    each count costs a whole compile (24-29 s against 3-4 s for the second
-    count, mobilenet_v3_large, 2-core EPYC, bench/RESULTS.md); kernels that
-    read the count at run time are one build that every count reuses from
-    Inductor's cache, at the same speed.
-    """
-    if device.type != "cpu":
-        return {}
-    import torch._inductor.config as inductor
-
-    return {"cpp.dynamic_threads": True} if hasattr(inductor.cpp, "dynamic_threads") else {}
-
-
 class Engine:
     """A bundle's model on a device: uint8 batches in, probabilities out."""
 
@@ -206,11 +188,11 @@ class Engine:
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         if compile:
-            from mlcls.tag.compiling import use_compile_cache
+            from mlcls.tag.compiling import compile_options, use_compile_cache
 
             use_compile_cache()
-        self.model = torch.compile(model, dynamic=batch_size is None, options=compile_options(device)) \
-            if compile else model
+            model = torch.compile(model, dynamic=batch_size is None, options=compile_options(device.type))
+        self.model = model
         self.normalise = Normaliser(bundle.preprocess, device)
         self.thresholds = np.asarray(bundle.thresholds, dtype=np.float32)
         self.max_batch: int | None = None  # set by a CUDA out-of-memory error: batches are split to this size
@@ -238,8 +220,8 @@ class Engine:
         """Give a compiled CPU engine its graph for each of these torch thread counts before a shard runs.
 
         Dynamo recompiles at the first batch under a new thread count (3-4 s
-        with `compile_options`); in a shard whose thread balance probes its
-        splits that batch would be timed as the lean split's cost, and the
+        with `compiling.compile_options`); in a shard whose thread balance
+        probes its splits that batch would be timed as the lean split's cost, and the
         balance would keep all threads (bench/RESULTS.md, issue 11). Eager
         engines and counts already seen cost nothing.
         """

@@ -31,7 +31,7 @@ the decode threads leave free (`_lean_with_boost`).
 Only for in-process decode threads, and only when the user has not set
 `OMP_NUM_THREADS` (then torch's threads are theirs). A compiled engine is
 balanced too: its kernels read the thread count when they run
-(`engine.compile_options`), and its graph for each count the balance may
+(`compiling.compile_options`), and its graph for each count the balance may
 set is built before the shard's first batch (`Engine.warm_threads`), since
 Dynamo recompiles under a new count and the probe would time that.
 """

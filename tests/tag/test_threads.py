@@ -17,7 +17,7 @@ from mlcls.bundle import save_bundle
 from mlcls.images.preprocess import Preprocess
 from mlcls.sources import iter_source
 from mlcls.tag import compiling
-from mlcls.tag.engine import Engine, clear_engines, compile_options, get_engine
+from mlcls.tag.engine import Engine, clear_engines, get_engine
 from mlcls.tag.job import TagOptions, get_bundle, tag_images, thread_balance
 from mlcls.tag.loader import Loader
 from mlcls.tag.threads import MIN_BATCHES, PROBE_BATCHES, StageClock, ThreadBalance
@@ -194,13 +194,13 @@ def test_a_compiled_cpu_engine_is_balanced_with_its_graphs_ready_for_both_splits
 
 @pytest.mark.skipif(compiling.missing_compiler("cpu") is not None, reason="torch.compile needs a C++ compiler")
 def test_compiled_cpu_kernels_take_the_thread_count_when_they_run(tmp_path, monkeypatch):
-    """Without `compile_options` Inductor writes `num_threads(N)` into every parallel loop when N is not the core
-    count, and a second thread count would cost a whole compile."""
+    """Without `compiling.compile_options` Inductor writes `num_threads(N)` into every parallel loop when N is not
+    the core count, and a second thread count would cost a whole compile."""
     from torch._inductor.utils import run_and_get_code
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Hardswish(), torch.nn.AdaptiveAvgPool2d(1))
-    compiled = torch.compile(model, options=compile_options(torch.device("cpu")))
+    compiled = torch.compile(model, options=compiling.compile_options("cpu"))
     saved = torch.get_num_threads()
     torch.set_num_threads((os.cpu_count() or 1) + 1)  # not the core count
     try:
