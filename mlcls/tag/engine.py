@@ -26,6 +26,7 @@ from mlcls.allocator import keep_freed_memory
 from mlcls.bundle import Bundle
 from mlcls.errors import OptionError
 from mlcls.images.preprocess import Preprocess
+from mlcls.tag.threads import Split
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # native bf16 matmuls; elsewhere bf16 autocast is ~10x slower
@@ -197,7 +198,7 @@ class Engine:
         self.thresholds = np.asarray(bundle.thresholds, dtype=np.float32)
         self.max_batch: int | None = None  # set by a CUDA out-of-memory error: batches are split to this size
         self.base_threads = torch.get_num_threads()  # what a shard's thread balance gives back (`threads.py`)
-        self.threads_chosen: dict[int, int] = {}  # decode threads -> torch threads the probe chose
+        self.threads_chosen: dict[int, Split] = {}  # decode threads -> the split the probe chose
         self._streams = _Streams(device) if device.type == "cuda" else None
         self._lock = threading.Lock()
         self._warm_threads: set[int] = set()  # thread counts a compiled CPU engine has its graph for

@@ -306,7 +306,7 @@ def _infer(records: list, loader: Loader, engine: Engine, batch_size: int, probs
     in_flight: list[tuple[list[int], Pending]] = []  # one batch on the device while the next is prepared
     balance = thread_balance(engine, loader, -(-len(records) // batch_size))
     try:
-        for index, batch in enumerate(loader.batches(records, batch_size)):
+        for index, batch in enumerate(loader.batches(records, batch_size, window=balance.window)):
             start = len(decoded)
             order, pixels = loader.device_pixels(batch, engine.device)
             with balance.batch(index, len(order), batch.ahead):

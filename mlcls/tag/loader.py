@@ -34,7 +34,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures import wait as wait_all
 from contextlib import contextmanager
@@ -165,9 +165,9 @@ class Loader:
                 self._pauses -= 1
                 self._resumed.notify_all()
 
-    def decoded(self, records: Iterable[FileRecord], window: int, held: int = 0,
+    def decoded(self, records: Iterable[FileRecord], window: int | Callable[[], int], held: int = 0,
                 pending: deque | None = None) -> Iterator[tuple[FileRecord, Decoded]]:
-        """Yield (record, decoded) in input order, keeping about `window` files in flight.
+        """Yield (record, decoded) in input order, keeping about `window` files in flight (a callable: read per file).
 
         In process mode a decoded image's pixels are a view of a ring slot,
         valid until `window + held` more images have been yielded: the caller
@@ -176,7 +176,8 @@ class Loader:
         pairs in flight beyond the image just yielded (see `batches`).
         """
         if self.processes:
-            yield from self._from_processes(records, max(1, min(window, len(self._ring) - held)))
+            size = window() if callable(window) else window  # the ring's slots are fixed: read once
+            yield from self._from_processes(records, max(1, min(size, len(self._ring) - held)))
         else:
             tasks = ((r, self._pool.submit(self.load, r)) for r in records)
             yield from _in_order(tasks, window, pending)
@@ -243,14 +244,21 @@ class Loader:
             self._arena.free_oldest()  # type: ignore[union-attr]
         chunk.taken_in = True
 
-    def batches(self, records: Iterable[FileRecord], batch_size: int, prefetch: int = 3) -> Iterator[ImageBatch]:
-        """Batches of `batch_size` records; decoding runs `prefetch` batches ahead."""
+    def batches(self, records: Iterable[FileRecord], batch_size: int, prefetch: int = 3,
+                window: Callable[[int], int] | None = None) -> Iterator[ImageBatch]:
+        """Batches of `batch_size` records; decoding runs `prefetch` batches ahead.
+
+        `window(batch_size)`, when given, is the number of images to keep in
+        flight instead, read again as each image is handed on: the CPU
+        thread balance widens it once it has chosen its split (`threads.py`).
+        """
         if self.dataloader:
             yield from self._dataloader_batches(list(records), batch_size, prefetch)
             return
         chunk: list[tuple[FileRecord, Decoded]] = []
         pending: deque[tuple[FileRecord, Future]] = deque()
-        for item in self.decoded(records, window=batch_size * prefetch, held=batch_size, pending=pending):
+        ahead = (lambda: window(batch_size)) if window is not None else (lambda: batch_size * prefetch)
+        for item in self.decoded(records, window=ahead, held=batch_size, pending=pending):
             chunk.append(item)
             if len(chunk) == batch_size:
                 batch = self._collate(chunk)
@@ -404,18 +412,19 @@ def _chunks(records: Iterable[FileRecord], count: int, arena: ByteArena | None, 
         yield _Chunk(chunk)
 
 
-def _in_order(tasks: Iterator[tuple], window: int,
+def _in_order(tasks: Iterator[tuple], window: int | Callable[[], int],
               pending: deque[tuple[object, Future]] | None = None) -> Iterator[tuple]:
-    """(key, future) pairs in, (key, result) out in the same order, at most `window` pending.
+    """(key, future) pairs in, (key, result) out in the same order, at most `window` (or `window()`) pending.
 
     `pending`, when given, is the queue to use: the caller can count how
     many of its futures are done (how far the workers lead it).
     """
     pending = deque() if pending is None else pending
+    limit = window if callable(window) else (lambda: window)
     try:
         for key, fut in tasks:
             pending.append((key, fut))
-            if len(pending) >= window:
+            if len(pending) >= limit():
                 k, f = pending.popleft()
                 yield k, f.result()
         while pending:

@@ -28,6 +28,14 @@ boost: a third arm times batches on all threads with decoding paused, and
 the lean split's estimate mixes its own batches with such ones in the share
 the decode threads leave free (`_lean_with_boost`).
 
+That estimate holds only if the decode threads never stop during a lean
+batch, so the lean split also sets how far decoding may run ahead
+(`prefetch`): a lean batch lasts m1/d times as long as decoding its
+images, and the window must hold what is decoded meanwhile. For
+resnet50 on a 2-core AVX-512 BF16 EPYC (m1/d ~ 5) the default window of 3
+batches left the decode thread idle most of each lean batch: 28.6 img/s
+against 31.5-32.1 with 8 batches (bench/RESULTS.md, issue 11).
+
 Only for in-process decode threads, and only when the user has not set
 `OMP_NUM_THREADS` (then torch's threads are theirs). A compiled engine is
 balanced too: its kernels read the thread count when they run
@@ -39,12 +47,14 @@ Dynamo recompiles under a new count and the probe would time that.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -52,6 +62,15 @@ log = logging.getLogger(__name__)
 
 PROBE_BATCHES = 2  # batches timed under each split, after one warm-up batch
 MIN_BATCHES = 20  # shorter shards are not probed: the losing split would run more than a tenth of them
+PREFETCH = 3  # batches decoded ahead of the model, unless the lean split needs more (see the module doc)
+MAX_AHEAD = 1024  # images decoded ahead at most, whatever the split (~150 MB of 224 px crops)
+
+
+class Split(NamedTuple):
+    """What the probe chose for a number of decode threads: torch's threads and how many batches decode ahead."""
+
+    threads: int
+    prefetch: int = PREFETCH
 
 
 class StageClock:
@@ -98,14 +117,15 @@ class _Arm:
 class ThreadBalance:
     """Sets torch's threads per batch: the probe's splits first, then the faster one (see the module doc)."""
 
-    def __init__(self, chosen: dict[int, int] | None, base: int, workers: int, decode_clock: StageClock | None,
+    def __init__(self, chosen: dict[int, Split] | None, base: int, workers: int, decode_clock: StageClock | None,
                  batches: int, pause: Callable[[], AbstractContextManager[None]] | None = None) -> None:
         self.saved, self.workers, self.clock, self.chosen = base, workers, decode_clock, chosen
-        self.pause, self.boosted = pause, 0
+        self.pause, self.boosted, self.prefetch = pause, 0, PREFETCH
         lean = base - workers
         self.arms: list[_Arm] = []
         if chosen is not None and workers in chosen:
-            self.fixed: int | None = chosen[workers]
+            self.fixed: int | None = chosen[workers].threads
+            self.prefetch = chosen[workers].prefetch
         elif chosen is not None and decode_clock is not None and lean >= 1 and batches >= MIN_BATCHES:
             self.fixed = None
             self.arms = [_Arm(base), _Arm(lean)] + ([_Arm(base)] if pause is not None else [])  # the third: boost
@@ -182,14 +202,27 @@ class ThreadBalance:
             return lean.per_image(self.workers)
         return decode + boost.model() * (1 - decode / m1)
 
+    def window(self, batch_size: int) -> int:
+        """Images the loader may decode ahead of the model now (read on every image: the probe may widen it)."""
+        return batch_size * min(self.prefetch, max(PREFETCH, MAX_AHEAD // batch_size))
+
     def _decide(self) -> None:
         full, lean = self.arms[0].per_image(self.workers), self._lean_with_boost()
         self.fixed = self.arms[0].threads if full <= lean else self.arms[1].threads
+        if self.fixed < self.saved and self._boost_arm() is not None:
+            self.prefetch = self._lean_prefetch()
         if self.chosen is not None:
-            self.chosen[self.workers] = self.fixed
+            self.chosen[self.workers] = Split(self.fixed, self.prefetch)
         log.info("torch threads beside %d decode thread(s): %d (slower stage %.1f ms an image with %d threads, "
-                 "%.1f with %d%s)", self.workers, self.fixed, 1e3 * full, self.arms[0].threads, 1e3 * lean,
-                 self.arms[1].threads, " and paused decoding between" if self._boost_arm() else "")
+                 "%.1f with %d%s), %d batches decoded ahead", self.workers, self.fixed, 1e3 * full,
+                 self.arms[0].threads, 1e3 * lean, self.arms[1].threads,
+                 " and paused decoding between" if self._boost_arm() else "", self.prefetch)
+
+    def _lean_prefetch(self) -> int:
+        """Batches to decode ahead so a lean batch never stalls the decode threads: m1/d of them, and two spare."""
+        lean = self.arms[1]
+        decode = lean.decode(self.workers)
+        return max(PREFETCH, math.ceil(lean.model() / decode) + 2) if decode > 0 else PREFETCH
 
     def close(self) -> None:
         """Give torch back the threads the engine started with."""

@@ -128,3 +128,26 @@ def test_the_arena_hands_out_spans_that_never_overlap_while_in_use():
         live.append(span)
         taken += 1
     assert arena.in_use == len(live) and taken > 5_000 and refused > 1_000
+
+
+def test_a_widened_window_decodes_further_ahead_and_keeps_the_batches(tmp_path):
+    """The thread balance widens the window mid-shard (`threads.py`): the loader reads it per image."""
+    write_images(tmp_path / "src", 24)
+    records = sorted(iter_source(str(tmp_path / "src")), key=lambda r: r.uri)
+    want = _batches(Loader(PRE, decode_workers=2, max_pixels=10_000_000), records, 4)
+    loader = Loader(PRE, decode_workers=2, max_pixels=10_000_000)
+    sizes = iter([4] * 8 + [20] * 100)  # 1 batch ahead for the first images, then 5
+    submitted: list[int] = []
+
+    def counted():
+        for i, r in enumerate(records):
+            submitted.append(i)
+            yield r
+
+    got, lead = [], []
+    for b in loader.batches(counted(), 4, window=lambda size: next(sizes)):
+        got.append(([r.uri for r in b.records], [d.error for d in b.decoded], b.pixels))
+        lead.append(len(submitted) - 4 * len(got))  # files handed to the workers beyond this batch
+    assert lead[0] <= 4 and max(lead) >= 12  # ahead by a batch at first, by several once widened
+    assert [u for u, _, _ in got] == [u for u, _, _ in want]
+    assert all(torch.equal(a, b) for (_, _, a), (_, _, b) in zip(got, want, strict=True))

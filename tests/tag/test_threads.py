@@ -20,7 +20,7 @@ from mlcls.tag import compiling
 from mlcls.tag.engine import Engine, clear_engines, get_engine
 from mlcls.tag.job import TagOptions, get_bundle, tag_images, thread_balance
 from mlcls.tag.loader import Loader
-from mlcls.tag.threads import MIN_BATCHES, PROBE_BATCHES, StageClock, ThreadBalance
+from mlcls.tag.threads import MIN_BATCHES, PREFETCH, PROBE_BATCHES, Split, StageClock, ThreadBalance
 from tests.helpers.images import write_images
 
 
@@ -51,13 +51,13 @@ def _run(balance: ThreadBalance, clock: StageClock, batches: int, cost: dict[int
     ({2: (0.003, 0.004), 1: (0.009, 0.002)}, 2),  # the model is the slow stage: it keeps both cores
 ])
 def test_the_probe_keeps_the_split_whose_slower_stage_is_faster(two_threads, cost, winner):
-    chosen: dict[int, int] = {}
+    chosen: dict[int, Split] = {}
     clock = StageClock()
     seen = _run(ThreadBalance(chosen, 2, 1, clock, MIN_BATCHES), clock, MIN_BATCHES, cost)
     probe_end = 1 + 2 * PROBE_BATCHES
     assert seen[:probe_end] == [2] + [2] * PROBE_BATCHES + [1] * PROBE_BATCHES
     assert set(seen[probe_end:]) == {winner}
-    assert chosen == {1: winner}
+    assert chosen == {1: Split(winner, PREFETCH)}  # no boost arm: the window stays
     assert torch.get_num_threads() == 2  # given back
     again = _run(ThreadBalance(chosen, 2, 1, StageClock(), MIN_BATCHES), StageClock(), 3, cost)
     assert again == [winner] * 3  # the next shard does not probe
@@ -87,8 +87,9 @@ class PauseRecorder:
 def test_the_probe_weighs_the_lean_split_with_its_boost(two_threads, boosted_model, winner):
     clock, pause, seen = StageClock(), PauseRecorder(), []
     cost = {(2, False): (0.006, 0.008), (1, False): (0.010, 0.005), (2, True): (boosted_model, 0.0)}
-    chosen: dict[int, int] = {}
+    chosen: dict[int, Split] = {}
     balance = ThreadBalance(chosen, 2, 1, clock, MIN_BATCHES, pause=pause)
+    assert balance.window(4) == 4 * PREFETCH
     for index in range(1 + 3 * PROBE_BATCHES + 2):
         with balance.batch(index, 4):  # nothing decoded ahead: only the probe's third arm pauses
             seen.append((torch.get_num_threads(), pause.active))
@@ -98,7 +99,11 @@ def test_the_probe_weighs_the_lean_split_with_its_boost(two_threads, boosted_mod
     balance.close()
     assert seen[1:1 + 3 * PROBE_BATCHES] == ([(2, False)] * PROBE_BATCHES + [(1, False)] * PROBE_BATCHES
                                              + [(2, True)] * PROBE_BATCHES)
-    assert chosen == {1: winner} and seen[-1] == (winner, False)
+    # the lean split decodes ahead what its batches leave time for: m1/d = 10/5 batches (a sleep overshoots: 3),
+    # and two spare
+    assert chosen[1].threads == winner and seen[-1] == (winner, False)
+    assert chosen[1].prefetch in ((4, 5) if winner == 1 else (PREFETCH,))
+    assert balance.window(4) == 4 * chosen[1].prefetch
     assert balance.boosted == 0 and not pause.active  # probe batches are not counted as boosts; decoding resumed
 
 
@@ -115,7 +120,7 @@ def test_a_long_cpu_run_probes_once_and_its_rows_match_pinned_threads(tmp_path, 
     clear_engines()
     tag_images(str(tmp_path / "src"), str(tmp_path / "probed"), tiny_bundle, opts)
     engine = get_engine(get_bundle(tiny_bundle), "cpu", precision="fp32", compile=False, batch_size=None)
-    assert set(engine.threads_chosen) == {1} and engine.threads_chosen[1] in (1, 2)
+    assert set(engine.threads_chosen) == {1} and engine.threads_chosen[1].threads in (1, 2)
     assert torch.get_num_threads() == 2
     monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's choice: no probe
     tag_images(str(tmp_path / "src"), str(tmp_path / "pinned"), tiny_bundle, opts)
@@ -130,14 +135,14 @@ def test_a_long_cpu_run_probes_once_and_its_rows_match_pinned_threads(tmp_path, 
 def test_the_lean_split_runs_a_batch_on_all_threads_with_decoding_paused_when_the_next_is_ready(two_threads):
     pause = PauseRecorder()
     paused = pause.events
-    balance = ThreadBalance({1: 1}, 2, 1, StageClock(), MIN_BATCHES, pause=pause)  # the lean split was chosen
+    balance = ThreadBalance({1: Split(1)}, 2, 1, StageClock(), MIN_BATCHES, pause=pause)  # the lean split was chosen
     for ahead, threads, pauses in [(3, 1, []), (4, 2, [True, False]), (0, 1, [])]:
         paused.clear()
         with balance.batch(5, 4, ahead=ahead):
             assert torch.get_num_threads() == threads
             assert paused == pauses[:1]  # paused while the batch runs
         assert paused == pauses  # and resumed after it
-    full = ThreadBalance({1: 2}, 2, 1, StageClock(), MIN_BATCHES, pause=pause)  # all threads already: no pause
+    full = ThreadBalance({1: Split(2)}, 2, 1, StageClock(), MIN_BATCHES, pause=pause)  # all threads already: no pause
     with full.batch(5, 4, ahead=100):
         assert torch.get_num_threads() == 2 and paused == []
     balance.close()
@@ -211,3 +216,9 @@ def test_compiled_cpu_kernels_take_the_thread_count_when_they_run(tmp_path, monk
     finally:
         torch.set_num_threads(saved)
     assert "#pragma omp parallel" in "".join(code) and "num_threads(" not in "".join(code)
+
+
+def test_a_chosen_split_keeps_its_window_for_the_next_shard_and_never_passes_the_cap(two_threads):
+    balance = ThreadBalance({1: Split(1, 8)}, 2, 1, StageClock(), MIN_BATCHES)
+    assert balance.window(32) == 32 * 8
+    assert balance.window(512) == 512 * PREFETCH  # a wide window only where MAX_AHEAD holds it; the default stays
