@@ -77,6 +77,27 @@ def test_train_then_tag_gives_the_same_probabilities(tmp_path):
     assert [labels_out[u] for u in trained.val_uris] == expected
 
 
+
+def test_thresholds_are_calibrated_on_the_scores_tagging_gives_in_bf16(tmp_path, monkeypatch):
+    """On a CPU with AMX or AVX-512 BF16 training validates and tagging runs in bf16 (forced here on any CPU).
+
+    The tag engine folds the batch norms into the convolutions, which rounds
+    differently in bf16: validation must score the model as tagging runs it,
+    or the calibrated thresholds are not the ones tagging meets (four tests
+    failed on an AVX-512 BF16 EPYC before validation folded them too).
+    """
+    monkeypatch.setattr("mlcls.tag.engine.cpu_has_fast_bf16", lambda cpuinfo=None: True)
+    labels = write_shapes(tmp_path / "data")
+    trained = train_from_labels(LabelsSpec(str(labels)), str(tmp_path / "bundle"), cfg=replace(CFG, epochs=1),
+                                pre=PRE)
+    assert trained.result.precision == "bfloat16"
+    tag_images(trained.val_uris, str(tmp_path / "tags"), model=str(tmp_path / "bundle"),
+               options=TagOptions(device="cpu", batch_size=7))
+    df = pl.read_parquet(f"{tmp_path}/tags/*.parquet")
+    classes = load_bundle(str(tmp_path / "bundle")).classes
+    probs = dict(zip(df["uri"], np.array([[r[c] for c in classes] for r in df["probs"]]), strict=True))
+    np.testing.assert_allclose(np.stack([probs[u] for u in trained.val_uris]), trained.result.val_scores, atol=2e-5)
+
 def _stop_at_epoch(n: int):
     def listener(event: progress.Event) -> None:
         if event.kind == "epoch" and event.values["epoch"] == n:
