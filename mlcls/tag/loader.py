@@ -51,7 +51,7 @@ from mlcls.images.load import LoadConfig, decode_one, load_chunk, new_ring, read
 from mlcls.images.preprocess import Preprocess
 from mlcls.sources import FileRecord
 from mlcls.storage import StorageOptions, read_one
-from mlcls.tag.threads import StageClock
+from mlcls.tag.threads import PREFETCH, StageClock
 
 PROCESS_THRESHOLD = 4  # this many decode workers or more run as processes
 
@@ -244,7 +244,7 @@ class Loader:
             self._arena.free_oldest()  # type: ignore[union-attr]
         chunk.taken_in = True
 
-    def batches(self, records: Iterable[FileRecord], batch_size: int, prefetch: int = 3,
+    def batches(self, records: Iterable[FileRecord], batch_size: int, prefetch: int = PREFETCH,
                 window: Callable[[int], int] | None = None) -> Iterator[ImageBatch]:
         """Batches of `batch_size` records; decoding runs `prefetch` batches ahead.
 
