@@ -165,9 +165,9 @@ class Loader:
                 self._pauses -= 1
                 self._resumed.notify_all()
 
-    def decoded(self, records: Iterable[FileRecord], window: int | Callable[[], int], held: int = 0,
+    def decoded(self, records: Iterable[FileRecord], window: Callable[[], int], held: int = 0,
                 pending: deque | None = None) -> Iterator[tuple[FileRecord, Decoded]]:
-        """Yield (record, decoded) in input order, keeping about `window` files in flight (a callable: read per file).
+        """Yield (record, decoded) in input order, keeping about `window()` files in flight (read per file).
 
         In process mode a decoded image's pixels are a view of a ring slot,
         valid until `window + held` more images have been yielded: the caller
@@ -176,8 +176,7 @@ class Loader:
         pairs in flight beyond the image just yielded (see `batches`).
         """
         if self.processes:
-            size = window() if callable(window) else window  # the ring's slots are fixed: read once
-            yield from self._from_processes(records, max(1, min(size, len(self._ring) - held)))
+            yield from self._from_processes(records, max(1, min(window(), len(self._ring) - held)))  # slots fixed
         else:
             tasks = ((r, self._pool.submit(self.load, r)) for r in records)
             yield from _in_order(tasks, window, pending)
@@ -208,7 +207,8 @@ class Loader:
 
         chunks = _chunks(records, count, arena, self.decode_workers)
         try:
-            for chunk, decoded in _in_order(map(submit, chunks), max(1, window // count), pending):
+            in_flight = max(1, window // count)
+            for chunk, decoded in _in_order(map(submit, chunks), lambda: in_flight, pending):
                 self._take_in(chunk, decoded)
                 yield from zip(chunk.records, decoded, strict=True)
         finally:  # given up early (an error, a cancelled shard): what already runs is waited for next pass
@@ -412,19 +412,18 @@ def _chunks(records: Iterable[FileRecord], count: int, arena: ByteArena | None, 
         yield _Chunk(chunk)
 
 
-def _in_order(tasks: Iterator[tuple], window: int | Callable[[], int],
+def _in_order(tasks: Iterator[tuple], window: Callable[[], int],
               pending: deque[tuple[object, Future]] | None = None) -> Iterator[tuple]:
-    """(key, future) pairs in, (key, result) out in the same order, at most `window` (or `window()`) pending.
+    """(key, future) pairs in, (key, result) out in the same order, at most `window()` pending (read per pair).
 
     `pending`, when given, is the queue to use: the caller can count how
     many of its futures are done (how far the workers lead it).
     """
     pending = deque() if pending is None else pending
-    limit = window if callable(window) else (lambda: window)
     try:
         for key, fut in tasks:
             pending.append((key, fut))
-            if len(pending) >= limit():
+            if len(pending) >= window():
                 k, f = pending.popleft()
                 yield k, f.result()
         while pending:
