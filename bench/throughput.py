@@ -32,6 +32,7 @@ VARIANTS = {  # name: TagOptions overrides ("_env": environment for the child in
     "fp32": {"draft": False, "precision": "fp32"},
     "draft": {"draft": True, "precision": "fp32"},
     "compile": {"draft": True, "precision": "fp32", "compile": "on"},
+    "auto-compile": {"compile": "on"},  # the default with the compile forced: bf16 where the CPU has it
     "gpu-compile": {"draft": True, "precision": "auto", "gpu_decode": 1.0, "compile": "on"},
     "bf16": {"draft": True, "precision": "bf16"},
     "gpu-decode": {"draft": True, "precision": "auto", "gpu_decode": 1.0},
@@ -512,6 +513,9 @@ def measure(a: argparse.Namespace, common: dict, corpus: str, bundle: str,
             precision = "bf16" if a.device == "cuda" else "fp32"
             rows.append((f"model only, compile {precision}", run_child("model", **common, iters=a.iters, compile=True,
                                                                       precision=precision)))
+        if "auto-compile" in a.variants:
+            rows.append(("model only, compile auto", run_child("model", **common, iters=a.iters, compile=True,
+                                                               precision="auto")))
         if "auto" in a.variants:  # the efficiency of the default needs the model at the default's precision
             rows.append(("model only, channels_last auto", run_child("model", **common, iters=a.iters,
                                                                      precision="auto")))
@@ -635,9 +639,9 @@ def efficiency(a: argparse.Namespace, rows: list[tuple[str, dict]], workers: int
     cores = os.cpu_count() or 1
     # each end-to-end row against the limit at its own precision and compile setting: fp32 for `draft`, the
     # resolved one for `auto`, the compiled model for `compile`
-    compiled = next((name for name in rate if name.startswith("model only, compile ")), "")
+    compiled = next((name for name in rate if name in ("model only, compile fp32", "model only, compile bf16")), "")
     for variant, model_row in (("draft", "model only, channels_last fp32"), ("auto", "model only, channels_last auto"),
-                               ("compile", compiled)):
+                               ("compile", compiled), ("auto-compile", "model only, compile auto")):
         model = rate.get(model_row, 0.0)
         e2e = {name: r for name, r in rate.items() if name == f"mlcls end to end, {variant}"}
         if not (per_core and model and e2e):
