@@ -29,6 +29,7 @@ Threads and processes live for the process, not for one shard; at most
 from __future__ import annotations
 
 import itertools
+import logging
 import multiprocessing
 import os
 import threading
@@ -37,8 +38,9 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures import wait as wait_all
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,7 +53,10 @@ from mlcls.images.load import LoadConfig, decode_one, load_chunk, new_ring, read
 from mlcls.images.preprocess import Preprocess
 from mlcls.sources import FileRecord
 from mlcls.storage import StorageOptions, read_one
+from mlcls.tag.handoff import FileJob, Handoff
 from mlcls.tag.threads import PREFETCH, StageClock
+
+log = logging.getLogger(__name__)
 
 PROCESS_THRESHOLD = 4  # this many decode workers or more run as processes
 
@@ -114,12 +119,10 @@ class Loader:
         self.processes = default_pool(decode_workers) == "processes" if processes is None else processes
         self.decode_workers = decode_workers
         self.dataloader = dataloader
-        self._decode_slots = threading.Semaphore(decode_workers)
-        self._resumed = threading.Condition()  # decoding waits while `_pauses` > 0 (`decode_paused`)
-        self._pauses = 0
         self.decode_clock = StageClock()  # decode time per image in threads mode (`threads.ThreadBalance`)
         self._pool: Executor
         self._stragglers: list[Future] = []  # tasks of a pass given up early that may still write ring or arena
+        self._handoff = Handoff(self._decode, decode_workers)  # threads mode (the consumer decodes as it waits)
         if self.processes:
             self._ring_id, self._ring = new_ring(ring_images, preprocess.size)
             self._arena = ByteArena() if self.config.gpu_share > 0 else None
@@ -129,19 +132,26 @@ class Loader:
         else:
             self._pool = ThreadPoolExecutor(max_workers=io_workers + decode_workers, thread_name_prefix="mlcls-load")
 
-    def load(self, record: FileRecord) -> Decoded:
-        """Read then decode one file in this process; any failure becomes its error."""
+    def _load(self, job: FileJob) -> None:
+        """Read then decode one file (a pool thread); any failure becomes its error.
+
+        The decode is left to the consumer where it claims the file first,
+        waiting for it (`mlcls.tag.handoff`).
+        """
+        record = job.record
         try:
             data = read_one(record.uri, self.config.storage_options, record.size)
         except Exception as err:  # noqa: BLE001 - any filesystem error is this file's error
-            return read_error(err)
-        with self._resumed:
-            self._resumed.wait_for(lambda: self._pauses == 0)
-        with self._decode_slots:
-            started = time.perf_counter()
-            decoded = decode_one(data, self._task_config(), record.uri)
-            self.decode_clock.add(time.perf_counter() - started)
-            return decoded
+            self._handoff.finish(job, read_error(err))
+            return
+        self._handoff.read(job, data)
+        self._handoff.decode_in_pool(job)
+
+    def _decode(self, data: bytes, record: FileRecord) -> Decoded:
+        started = time.perf_counter()
+        decoded = decode_one(data, self._task_config(), record.uri)
+        self.decode_clock.add(time.perf_counter() - started)
+        return decoded
 
     def _task_config(self) -> LoadConfig:
         """The config a new decode task gets: every image decoded by the workers while the GPU decoder rests
@@ -149,21 +159,13 @@ class Loader:
         gpu = self.gpu_decoder
         return self.config if gpu is None or gpu.wants_jpegs() else self._cpu_config
 
-    @contextmanager
-    def decode_paused(self) -> Iterator[None]:
-        """Start no new decode (threads mode) until the block ends: the model gets the cores meanwhile.
+    def decode_paused(self) -> AbstractContextManager[None]:
+        """Start no new decode in the pool (threads mode) until the block ends: the model gets the cores.
 
         Reads go on; a decode under way finishes. `threads.ThreadBalance`
         uses it when decoding is a batch ahead of the model.
         """
-        with self._resumed:
-            self._pauses += 1
-        try:
-            yield
-        finally:
-            with self._resumed:
-                self._pauses -= 1
-                self._resumed.notify_all()
+        return self._handoff.paused()
 
     def decoded(self, records: Iterable[FileRecord], window: Callable[[], int], held: int = 0,
                 pending: deque | None = None) -> Iterator[tuple[FileRecord, Decoded]]:
@@ -178,8 +180,13 @@ class Loader:
         if self.processes:
             yield from self._from_processes(records, max(1, min(window(), len(self._ring) - held)))  # slots fixed
         else:
-            tasks = ((r, self._pool.submit(self.load, r)) for r in records)
-            yield from _in_order(tasks, window, pending)
+            jobs = ((job, self._pool.submit(self._load, job)) for job in map(FileJob, records))
+            for job, decoded in _in_order(jobs, window, pending, self._wait):
+                yield job.record, decoded
+
+    def _wait(self, job: FileJob, task: Future, later: deque[tuple[FileJob, Future]]) -> Decoded:
+        """A file's decode result for the consumer, which decodes files itself until it is in (`handoff`)."""
+        return self._handoff.wait(job, (j for j, _ in later), task)
 
     def _from_processes(self, records: Iterable[FileRecord], window: int) -> Iterator[tuple[FileRecord, Decoded]]:
         """`decoded` for the process pool: chunks of files, pixels in ring slots, JPEG bodies in arena spans.
@@ -256,17 +263,22 @@ class Loader:
             yield from self._dataloader_batches(list(records), batch_size, prefetch)
             return
         chunk: list[tuple[FileRecord, Decoded]] = []
-        pending: deque[tuple[FileRecord, Future]] = deque()
+        pending: deque[tuple[FileJob, Future]] = deque()
+        helped, count = self._handoff.helped, 0
         ahead = (lambda: window(batch_size)) if window is not None else (lambda: batch_size * prefetch)
         for item in self.decoded(records, window=ahead, held=batch_size, pending=pending):
+            count += 1
             chunk.append(item)
             if len(chunk) == batch_size:
                 batch = self._collate(chunk)
-                batch.ahead = sum(1 for _, f in pending if f.done())
+                batch.ahead = sum(1 for job, _ in pending if job.done.is_set())
                 yield batch
                 chunk = []
         if chunk:
             yield self._collate(chunk)
+        if not self.processes:
+            log.debug("the consumer decoded %d of %d files while waiting for them", self._handoff.helped - helped,
+                      count)
 
     def _dataloader_batches(self, records: list[FileRecord], batch_size: int, prefetch: int) -> Iterator[ImageBatch]:
         from torch.utils.data import DataLoader
@@ -412,23 +424,25 @@ def _chunks(records: Iterable[FileRecord], count: int, arena: ByteArena | None, 
         yield _Chunk(chunk)
 
 
-def _in_order(tasks: Iterator[tuple], window: Callable[[], int],
-              pending: deque[tuple[object, Future]] | None = None) -> Iterator[tuple]:
+def _in_order(tasks: Iterator[tuple], window: Callable[[], int], pending: deque[tuple[Any, Future]] | None = None,
+              wait: Callable[[Any, Future, deque], Any] | None = None) -> Iterator[tuple]:
     """(key, future) pairs in, (key, result) out in the same order, at most `window()` pending (read per pair).
 
     `pending`, when given, is the queue to use: the caller can count how
-    many of its futures are done (how far the workers lead it).
+    many of its futures are done (how far the workers lead it). `wait(key,
+    future, pending)`, when given, gets a result instead of `future.result()`.
     """
     pending = deque() if pending is None else pending
+    result = wait or (lambda _key, fut, _later: fut.result())
     try:
         for key, fut in tasks:
             pending.append((key, fut))
             if len(pending) >= window():
                 k, f = pending.popleft()
-                yield k, f.result()
+                yield k, result(k, f, pending)
         while pending:
             k, f = pending.popleft()
-            yield k, f.result()
+            yield k, result(k, f, pending)
     finally:
         for _, f in pending:
             f.cancel()

@@ -18,6 +18,7 @@ from mlcls.images.preprocess import Preprocess
 from mlcls.sources import iter_source
 from mlcls.tag import compiling
 from mlcls.tag.engine import Engine, clear_engines, get_engine
+from mlcls.tag.handoff import FileJob
 from mlcls.tag.job import TagOptions, get_bundle, tag_images, thread_balance
 from mlcls.tag.loader import Loader
 from mlcls.tag.threads import MIN_BATCHES, PREFETCH, PROBE_BATCHES, Split, StageClock, ThreadBalance
@@ -154,12 +155,14 @@ def test_a_paused_loader_reads_but_decodes_nothing_until_the_pause_ends(tmp_path
     records = sorted(iter_source(str(tmp_path)), key=lambda r: r.uri)
     loader = Loader(Preprocess(size=32, resize_size=36), decode_workers=1)
     try:
+        jobs = [FileJob(r) for r in records]
         with loader.decode_paused():
-            futures = [loader._pool.submit(loader.load, r) for r in records]
+            for job in jobs:
+                loader._pool.submit(loader._load, job)
             time.sleep(0.5)
-            assert not any(f.done() for f in futures)
+            assert all(job.data is not None for job in jobs) and not any(job.done.is_set() for job in jobs)
             assert loader.decode_clock.read()[1] == 0
-        assert all(f.result(timeout=30).error is None for f in futures)
+        assert all(job.done.wait(30) and job.result.error is None for job in jobs)
         assert loader.decode_clock.read()[1] == len(records)
         batches = loader.batches(records, 2, prefetch=3)
         next(batches)
