@@ -165,7 +165,8 @@ def child_decode(a: argparse.Namespace) -> dict:
     decoder = GpuJpegDecoder(bundle.preprocess, device) if a.gpu_decode else None
     loader = Loader(bundle.preprocess, decode_workers=a.workers, io_workers=8, draft=a.draft, gpu_decoder=decoder,
                     pin_memory=device.type == "cuda", processes=True if a.processes else None,
-                    dataloader=a.loader == "dataloader")  # the DataLoader arm: mlcls's own DataLoader mode
+                    dataloader=a.loader == "dataloader",  # the DataLoader arm: mlcls's own DataLoader mode
+                    consumer_decodes=False)  # the workers' rate alone: this loop would otherwise decode too
     clock = FirstBatchClock()
     errors = 0
     for batch in loader.batches(records, a.batch_size):

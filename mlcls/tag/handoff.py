@@ -13,9 +13,10 @@ model; it needs no slot and is not paused (`paused`: the model has the
 cores). Measured in bench/RESULTS.md (issue 11, "the model's thread decodes
 while it waits").
 
-One condition guards claims, slots and pauses, so a pool thread waiting for
-a slot or for the end of a pause wakes when its file is claimed elsewhere
-and goes back to reading.
+One lock guards claims, slots and pauses, with two conditions on it: pool
+threads wait for a slot (woken when one frees, a pause ends or their file is
+claimed elsewhere: they then go back to reading), the waiting thread for a
+file (woken when one is read or decoded).
 """
 
 from __future__ import annotations
@@ -45,9 +46,12 @@ class FileJob:
 class Handoff:
     """Claims, decodes and waits for one loader's file jobs, with `slots` decodes at a time in the pool."""
 
-    def __init__(self, decode: Callable[[bytes, FileRecord], Decoded], slots: int) -> None:
+    def __init__(self, decode: Callable[[bytes, FileRecord], Decoded], slots: int, *, helps: bool = True) -> None:
         self._decode = decode  # (data, record) -> Decoded; on any thread
-        self._changed = threading.Condition()
+        self.helps = helps  # False: `wait` only waits (the bench's decode rate a core)
+        lock = threading.Lock()
+        self._slot_changed = threading.Condition(lock)  # pool threads wait on it
+        self._job_changed = threading.Condition(lock)  # the waiting thread waits on it
         self._free = slots  # decode slots of the pool threads
         self._pauses = 0
         self.helped = 0  # files decoded by a waiting thread (`wait`), for the log
@@ -55,33 +59,33 @@ class Handoff:
     @contextmanager
     def paused(self) -> Iterator[None]:
         """Pool threads start no new decode until the block ends (one under way finishes; reads go on)."""
-        with self._changed:
+        with self._slot_changed:
             self._pauses += 1
         try:
             yield
         finally:
-            with self._changed:
+            with self._slot_changed:
                 self._pauses -= 1
-                self._changed.notify_all()
+                self._slot_changed.notify_all()
 
     def read(self, job: FileJob, data: bytes) -> None:
         """The file's bytes are in: from now on any thread may claim it."""
-        with self._changed:
+        with self._job_changed:
             job.data = data
-            self._changed.notify_all()
+            self._job_changed.notify_all()
 
     def finish(self, job: FileJob, result: Decoded) -> Decoded:
         """`job`'s result (a read error skips the decode); wakes the thread waiting for it."""
-        with self._changed:
+        with self._job_changed:
             job.result, job.data, job.claimed = result, None, True
             job.done.set()
-            self._changed.notify_all()
+            self._job_changed.notify_all()
         return result
 
     def decode_in_pool(self, job: FileJob) -> None:
         """On the pool thread that read `job`: decode it in a slot, unless another thread claims it first."""
-        with self._changed:
-            self._changed.wait_for(lambda: job.claimed or (self._free > 0 and self._pauses == 0))
+        with self._slot_changed:
+            self._slot_changed.wait_for(lambda: job.claimed or (self._free > 0 and self._pauses == 0))
             if job.claimed:
                 return
             job.claimed = True
@@ -89,9 +93,9 @@ class Handoff:
         try:
             self.decode(job)
         finally:
-            with self._changed:
+            with self._slot_changed:
                 self._free += 1
-                self._changed.notify_all()
+                self._slot_changed.notify_all()
 
     def decode(self, job: FileJob) -> Decoded:
         """Decode a job this thread claimed and finish it, whatever the decode raises (nobody waits forever)."""
@@ -110,17 +114,18 @@ class Handoff:
         read and the decode is raised here.
         """
         while True:
-            with self._changed:
+            with self._job_changed:
                 if job.done.is_set():
                     assert job.result is not None
                     return job.result
                 if task is not None and task.done() and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
-                target = job if self._take(job) else next((j for j in later if self._take(j)), None)
+                target = None if not self.helps else (
+                    job if self._take(job) else next((j for j in later if self._take(j)), None))
                 if target is None:
-                    self._changed.wait(timeout=0.1)  # woken by a read or a finished decode
+                    self._job_changed.wait(timeout=0.1)  # woken by a read or a finished decode
                     continue
-                self._changed.notify_all()  # the pool thread that read it goes back to reading
+                self._slot_changed.notify_all()  # the pool thread that read it goes back to reading
             self.helped += 1
             self.decode(target)
 

@@ -101,12 +101,17 @@ class ImageBatch:
 
 
 class Loader:
-    """Turns file records into batches of decoded pixels, reading and decoding ahead."""
+    """Turns file records into batches of decoded pixels, reading and decoding ahead.
+
+    `consumer_decodes` (threads mode): the thread that takes the batches
+    decodes files while it waits for them (`mlcls.tag.handoff`).
+    """
 
     def __init__(self, preprocess: Preprocess, *, decode_workers: int = 1, io_workers: int = 8,
                  max_pixels: int | None = None, draft: bool = True, storage_options: StorageOptions = None,
                  pin_memory: bool = False, gpu_decoder: GpuJpegDecoder | None = None, gpu_share: float = 1.0,
-                 processes: bool | None = None, ring_images: int = 1024, dataloader: bool = False) -> None:
+                 processes: bool | None = None, ring_images: int = 1024, dataloader: bool = False,
+                 consumer_decodes: bool = True) -> None:
         keep_freed_memory()  # before the workers fork: decoded images reuse freed pages (`mlcls.allocator`)
         self.preprocess = preprocess
         self.config = LoadConfig(preprocess=preprocess, draft=draft,
@@ -122,7 +127,7 @@ class Loader:
         self.decode_clock = StageClock()  # decode time per image in threads mode (`threads.ThreadBalance`)
         self._pool: Executor
         self._stragglers: list[Future] = []  # tasks of a pass given up early that may still write ring or arena
-        self._handoff = Handoff(self._decode, decode_workers)  # threads mode (the consumer decodes as it waits)
+        self._handoff = Handoff(self._decode, decode_workers, helps=consumer_decodes)  # threads mode (`handoff`)
         if self.processes:
             self._ring_id, self._ring = new_ring(ring_images, preprocess.size)
             self._arena = ByteArena() if self.config.gpu_share > 0 else None

@@ -69,6 +69,16 @@ def test_while_a_decode_thread_has_its_file_the_waiting_thread_decodes_the_next(
     assert b.result is not None and b.result.error == "decoded b" and handoff.helped == 1
 
 
+def test_a_handoff_that_does_not_help_leaves_every_decode_to_the_pool():
+    decode = Recorder()
+    handoff = Handoff(decode, slots=1, helps=False)
+    job = _job(handoff, "a")
+    worker = threading.Timer(0.2, handoff.decode_in_pool, args=(job,))
+    worker.start()
+    assert handoff.wait(job, []).error == "decoded a"
+    assert decode.calls == [("a", worker.ident)] and handoff.helped == 0
+
+
 def test_a_decode_that_raises_finishes_its_file_instead_of_leaving_waiters_hanging():
     def broken(data: bytes, record: FileRecord) -> Decoded:
         raise RuntimeError("bug")
