@@ -38,7 +38,9 @@ class CompileCost:
 # No CPU entry: `auto` runs eager on a CPU. There the compiled model gains little or nothing model only
 # (mobilenet_v3_large +7 % on one 2-core AVX2 EPYC, -2 % on another) and a CPU run pays a compile for each thread
 # count its balance sets (`Engine.warm_threads`): end to end 63.6 img/s compiled against 66.0 eager, same run.
-# `--compile on` still compiles on a CPU, balanced like an eager run (53.6 img/s before, unbalanced).
+# `--compile on` still compiles on a CPU, balanced like an eager run (53.6 img/s before, unbalanced). In bf16 on an
+# AVX-512 BF16 EPYC the compiled model is 8-13 % faster alone, but end to end resnet50 gained 7 % and
+# mobilenet_v3_large lost 12 % (bench/RESULTS.md, issue 11, 2026-12-07): still no CPU entry.
 COSTS = {
     "cuda": CompileCost(cold=25.0, warm=8.0, saving=0.35),
 }
