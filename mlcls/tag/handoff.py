@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 
-from mlcls.images.decode import Decoded
+from mlcls.images.decode import Decoded, ImageError
 from mlcls.sources import FileRecord
 
 
@@ -103,7 +103,7 @@ class Handoff:
         try:
             result = self._decode(job.data, job.record)
         except BaseException as err:
-            self.finish(job, Decoded(pixels=None, error=f"decode: {type(err).__name__}: {err}"))
+            self.finish(job, Decoded(pixels=None, error=str(ImageError("decode", f"{type(err).__name__}: {err}"))))
             raise
         return self.finish(job, result)
 
@@ -118,8 +118,9 @@ class Handoff:
                 if job.done.is_set():
                     assert job.result is not None
                     return job.result
-                if task is not None and task.done() and task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]
+                failed = task.exception() if task is not None and task.done() else None
+                if failed is not None:
+                    raise failed
                 target = None if not self.helps else (
                     job if self._take(job) else next((j for j in later if self._take(j)), None))
                 if target is None:

@@ -77,7 +77,6 @@ def test_train_then_tag_gives_the_same_probabilities(tmp_path):
     assert [labels_out[u] for u in trained.val_uris] == expected
 
 
-
 def test_thresholds_are_calibrated_on_the_scores_tagging_gives_in_bf16(tmp_path, monkeypatch):
     """On a CPU with AMX or AVX-512 BF16 training validates and tagging runs in bf16 (forced here on any CPU).
 
@@ -97,6 +96,7 @@ def test_thresholds_are_calibrated_on_the_scores_tagging_gives_in_bf16(tmp_path,
     classes = load_bundle(str(tmp_path / "bundle")).classes
     probs = dict(zip(df["uri"], np.array([[r[c] for c in classes] for r in df["probs"]]), strict=True))
     np.testing.assert_allclose(np.stack([probs[u] for u in trained.val_uris]), trained.result.val_scores, atol=2e-5)
+
 
 def _stop_at_epoch(n: int):
     def listener(event: progress.Event) -> None:
