@@ -37,8 +37,9 @@ row started from the loop's own weights, trained on all the canvases).
 `--weights-file PATH` adds a row fine-tuned from any weights file (ImageNet's
 resnet18, where a user has it); `--shapes-weights PATH` one from weights
 trained on another task, generated shapes, made here when PATH is missing:
-their head has other classes, so the run drops it and starts with a frozen
-backbone, the path ImageNet weights take (model hubs are not reachable here).
+their head has other classes, so the run drops it and trains a new one, the
+path ImageNet weights take (model hubs are not reachable here).
+`--skip-loop --skip-random-init` leave the fine-tuning rows alone (A/B them).
 """
 
 from __future__ import annotations
@@ -303,6 +304,8 @@ def main() -> None:
                         "kept at PATH; made here first if PATH does not exist (not timed in the row)")
     p.add_argument("--shapes-images", type=int, default=3000, help="images for --shapes-weights' pretraining")
     p.add_argument("--skip-loop", action="store_true")
+    p.add_argument("--skip-random-init", action="store_true",
+                   help="skip `mlcls train` from random init: A/B the fine-tuning rows alone")
     p.add_argument("--loop-weights", default=None, metavar="PATH",
                    help="keep the loop's trained weights here (and the split-only ones beside them, LOOP-fit-split.pt);"
                         " if the files exist, load them instead of training (the loop row then has no wall time): "
@@ -339,7 +342,8 @@ def main() -> None:
             results[name] = {**bundle_row(out, test_labels), "seconds": seconds}
             print(f"  {name}:", json.dumps(results[name]), flush=True)
 
-        mlcls_row("mlcls", "bundle")
+        if not args.skip_random_init:
+            mlcls_row("mlcls", "bundle")
         if args.given_weights:
             root, ext = os.path.splitext(weights)
             given = f"{root}-fit-split{ext or '.pt'}"

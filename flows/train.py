@@ -57,7 +57,7 @@ def train_task(spec: LabelsSpec, out: str, cfg: dict[str, Any], pre: dict[str, A
 
 @flow(name="train-bundle", log_prints=False)
 def train_bundle(labels: str, out: str, images: str | None = None, arch: str = "resnet50",
-                 weights: str | None = "auto", epochs: int | None = None, freeze_epochs: int | None = None,
+                 weights: str | None = "auto", epochs: int | None = None, freeze_epochs: int = 0,
                  batch_size: int = 64, lr: float = 1e-3, loss: str = "bce", pos_weight: bool = False,
                  hflip: bool = False, size: int | None = None, resize_mode: str | None = None,
                  resize_size: int | None = None, val_fraction: float = 0.2, seed: int = 0,

@@ -55,8 +55,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default=None, help="bundle name (default: the --out folder's name)")
     p.add_argument("--epochs", type=int, default=None,
                    help="passes over the data (default: about 14,400 images seen, 4 to 30)")
-    p.add_argument("--freeze-epochs", type=int, default=None,
-                   help="epochs training only a new head (default: 1 when pretrained weights get a new head, else 0)")
+    p.add_argument("--freeze-epochs", type=int, default=0,
+                   help="epochs training only the head, the backbone frozen (default 0: the warm-up protects "
+                        "pretrained weights)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3,
                    help="peak learning rate: short warm-up, flat, cosine anneal over the last 30%% (default 1e-3)")

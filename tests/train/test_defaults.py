@@ -81,7 +81,8 @@ def test_a_head_that_fits_the_classes_is_kept_and_nothing_is_frozen(tmp_path):
     assert torch.equal(trainer.model.state_dict()["classifier.3.weight"], earlier["classifier.3.weight"])
     other = load_init_weights(str(tmp_path / "run.pth"), "mobilenet_v3_small", 5)
     assert other is not None and len(other.dropped) == 2
-    assert Trainer(replace(CFG, epochs=2), PRE, 5, 3, init=other).frozen_epochs == 1
+    assert Trainer(replace(CFG, epochs=2), PRE, 5, 3, init=other).frozen_epochs == 0  # a new head: still none
+    assert Trainer(replace(CFG, epochs=2, freeze_epochs=1), PRE, 5, 3, init=other).frozen_epochs == 1
     assert Trainer(replace(CFG, epochs=2), PRE, 5, 3, init=None).frozen_epochs == 0
 
 

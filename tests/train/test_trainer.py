@@ -23,7 +23,7 @@ from mlcls.train.labels import LabelsSpec, multi_hot
 from mlcls.train.losses import AsymmetricLoss, FocalLoss, SmoothedTargets, auto_pos_weight, make_loss
 from mlcls.train.train_job import train_from_labels
 from mlcls.train.trainer import TrainConfig, Trainer, eval_pixels, fit, train_pixels
-from mlcls.train.weights import load_init_weights
+from mlcls.train.weights import InitWeights, load_init_weights
 from tests.helpers.training import CFG, DATA, PRE, one_torch_thread, write_shapes
 
 
@@ -129,16 +129,29 @@ def test_an_interrupted_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path,
         fit(*arrays, pre=PRE, cfg=replace(cfg, lr=1e-3), checkpoint=ckpt, resume=True)
 
 
-def test_pretrained_backbone_is_frozen_for_the_first_epoch_then_trained(tmp_path, arrays):
-    torch.manual_seed(1)
-    imagenet_like = torchvision.models.get_model("mobilenet_v3_small", num_classes=1000).state_dict()
-    torch.save(imagenet_like, tmp_path / "w.pth")
-    init = load_init_weights(str(tmp_path / "w.pth"), "mobilenet_v3_small", 6)
-    assert init is not None and [d.split()[0] for d in init.dropped] == ["classifier.3.bias", "classifier.3.weight"]
+def test_a_new_head_on_pretrained_weights_trains_the_backbone_from_the_first_step_by_default(tmp_path, arrays):
+    init = _imagenet_like_init(tmp_path)
     train_x, train_y, _, _ = arrays
     trainer = Trainer(replace(CFG, epochs=2), PRE, 6, 3, init=init)
+    start = trainer.model.state_dict()["features.0.0.weight"].clone()
+    trainer.train_epoch(torch.from_numpy(train_x), torch.from_numpy(train_y))
+    assert not torch.equal(trainer.model.state_dict()["features.0.0.weight"], start)
+
+
+def _imagenet_like_init(tmp_path) -> InitWeights:
+    torch.manual_seed(1)
+    torch.save(torchvision.models.get_model("mobilenet_v3_small", num_classes=1000).state_dict(), tmp_path / "w.pth")
+    init = load_init_weights(str(tmp_path / "w.pth"), "mobilenet_v3_small", 6)
+    assert init is not None and [d.split()[0] for d in init.dropped] == ["classifier.3.bias", "classifier.3.weight"]
+    return init
+
+
+def test_freeze_epochs_trains_only_the_new_head_first_then_everything(tmp_path, arrays):
+    init = _imagenet_like_init(tmp_path)
+    train_x, train_y, _, _ = arrays
+    trainer = Trainer(replace(CFG, epochs=2, freeze_epochs=1), PRE, 6, 3, init=init)
     start = {k: v.clone() for k, v in trainer.model.named_parameters()}
-    assert torch.equal(start["features.0.0.weight"], imagenet_like["features.0.0.weight"])
+    assert torch.equal(start["features.0.0.weight"], init.state_dict["features.0.0.weight"])
     xs, ys = torch.from_numpy(train_x), torch.from_numpy(train_y)
     trainer.train_epoch(xs, ys)
     trainer.epoch += 1
@@ -239,6 +252,7 @@ def test_config_is_checked_before_training():
         TrainConfig(augment=False, vflip=True).validate()
     assert TrainConfig(augment=False).validate().hflip is False
     assert TrainConfig.from_dict(TrainConfig(scale=(0.5, 1.0)).to_dict()).scale == (0.5, 1.0)
+    assert TrainConfig.from_dict({"freeze_epochs": None}).freeze_epochs == 0  # a record from before the default was 0
 
 
 def test_labels_that_leave_a_class_without_training_positives_stop_before_reading_images(tmp_path):
