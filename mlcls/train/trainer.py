@@ -178,7 +178,7 @@ class TrainConfig:
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise OptionError(f"unknown training options: {', '.join(sorted(unknown))}")
-        if d.get("freeze_epochs", 0) is None:  # before stop 42 None meant "1 for a new head on pretrained weights"
+        if d.get("freeze_epochs", 0) is None:  # older records: None meant "1 for a new head on pretrained weights"
             del d["freeze_epochs"]
         if "scale" in d:
             d["scale"] = tuple(d["scale"])
