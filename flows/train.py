@@ -57,15 +57,18 @@ def train_task(spec: LabelsSpec, out: str, cfg: dict[str, Any], pre: dict[str, A
 
 @flow(name="train-bundle", log_prints=False)
 def train_bundle(labels: str, out: str, images: str | None = None, arch: str = "resnet50",
-                 weights: str | None = "auto", epochs: int | None = None, freeze_epochs: int = 0,
+                 weights: str | None = "auto", epochs: int | None = None, freeze_epochs: int | None = 0,
                  batch_size: int = 64, lr: float = 1e-3, loss: str = "bce", pos_weight: bool = False,
                  hflip: bool = False, size: int | None = None, resize_mode: str | None = None,
                  resize_size: int | None = None, val_fraction: float = 0.2, seed: int = 0,
                  device: str = "auto", classes: list[str] | None = None, name: str | None = None,
                  storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Fine-tune `arch` on the labels file and write a bundle with calibrated thresholds to `out`."""
+    """Fine-tune `arch` on the labels file and write a bundle with calibrated thresholds to `out`.
+
+    `freeze_epochs=None`, which deployments made before it defaulted to 0 may pass, trains with none frozen.
+    """
     route_library_logs()
-    cfg = TrainConfig(arch=arch, epochs=epochs, freeze_epochs=freeze_epochs, batch_size=batch_size, lr=lr,
+    cfg = TrainConfig(arch=arch, epochs=epochs, freeze_epochs=freeze_epochs or 0, batch_size=batch_size, lr=lr,
                       loss=loss, pos_weight=pos_weight, hflip=hflip, seed=seed, device=device).validate()
     pre = InputChoice.of(size, resize_mode, resize_size)  # as `mlcls train`
     spec = LabelsSpec(path=labels, images=images, val_fraction=val_fraction, seed=seed)
