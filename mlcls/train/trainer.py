@@ -127,7 +127,8 @@ class TrainConfig:
                 or self.weight_decay < 0:
             raise OptionError("--epochs and --batch-size must be >= 1, --lr > 0 and --weight-decay >= 0")
         if not 0 <= self.freeze_epochs <= (self.epochs or MAX_EPOCHS):
-            raise OptionError(f"--freeze-epochs must be between 0 and --epochs ({self.epochs})")
+            bound = self.epochs if self.epochs is not None else f"at most {MAX_EPOCHS} by default"
+            raise OptionError(f"--freeze-epochs must be between 0 and --epochs ({bound}), not {self.freeze_epochs}")
         lo, hi = self.scale
         if not 0 < lo <= hi <= 1:
             raise OptionError(f"--scale must be in (0, 1] (the content is shrunk, never cropped), not {lo}")

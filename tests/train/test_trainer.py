@@ -244,6 +244,8 @@ def test_config_is_checked_before_training():
         TrainConfig(loss="asl", pos_weight=True).validate()
     with pytest.raises(OptionError, match="--freeze-epochs must be between 0 and --epochs \\(2\\)"):
         TrainConfig(epochs=2, freeze_epochs=3).validate()
+    with pytest.raises(OptionError, match="between 0 and --epochs \\(at most 30 by default\\), not -1"):
+        TrainConfig(freeze_epochs=-1).validate()
     with pytest.raises(OptionError, match="--loss 'hinge'"):
         TrainConfig(loss="hinge").validate()
     with pytest.raises(OptionError, match="--scale must be in \\(0, 1\\]"):
