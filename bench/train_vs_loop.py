@@ -294,7 +294,9 @@ def main() -> None:
     p.add_argument("--grid", action="store_true", help="one digit per 64 px quadrant (an easier layout)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mlcls-cmd", default=f"{sys.executable} -m mlcls.cli", help="how to run mlcls")
-    p.add_argument("--mlcls-args", default="", help="extra `mlcls train` arguments (default: none)")
+    p.add_argument("--mlcls-args", default="",
+                   help="extra `mlcls train` arguments, one string (default: none); a single option needs the = form, "
+                        "--mlcls-args=--no-amp, or argparse takes it for one of this script's")
     p.add_argument("--given-weights", action="store_true",
                    help="also fine-tune from the loop's weights trained on mlcls's training split")
     p.add_argument("--weights-file", action="append", default=[], metavar="PATH",
