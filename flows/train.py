@@ -65,10 +65,11 @@ def train_bundle(labels: str, out: str, images: str | None = None, arch: str = "
                  storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fine-tune `arch` on the labels file and write a bundle with calibrated thresholds to `out`.
 
-    `freeze_epochs=None`, which deployments made before it defaulted to 0 may pass, trains with none frozen.
+    `freeze_epochs=None`, which deployments made before it defaulted to 0 may pass, trains with none frozen
+    (`TrainConfig` reads it as 0).
     """
     route_library_logs()
-    cfg = TrainConfig(arch=arch, epochs=epochs, freeze_epochs=freeze_epochs or 0, batch_size=batch_size, lr=lr,
+    cfg = TrainConfig(arch=arch, epochs=epochs, freeze_epochs=freeze_epochs, batch_size=batch_size, lr=lr,
                       loss=loss, pos_weight=pos_weight, hflip=hflip, seed=seed, device=device).validate()
     pre = InputChoice.of(size, resize_mode, resize_size)  # as `mlcls train`
     spec = LabelsSpec(path=labels, images=images, val_fraction=val_fraction, seed=seed)

@@ -122,6 +122,10 @@ class TrainConfig:
     low_res: float = 0.75
     low_res_share: float | None = None  # None: chosen with the epochs (`for_data`)
 
+    def __post_init__(self) -> None:
+        if self.freeze_epochs is None:  # older records and deployments: None meant "1 for a new head on weights"
+            object.__setattr__(self, "freeze_epochs", 0)
+
     def validate(self) -> TrainConfig:
         if (self.epochs is not None and self.epochs < 1) or self.batch_size < 1 or self.lr <= 0 \
                 or self.weight_decay < 0:
@@ -179,8 +183,6 @@ class TrainConfig:
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise OptionError(f"unknown training options: {', '.join(sorted(unknown))}")
-        if d.get("freeze_epochs", 0) is None:  # older records: None meant "1 for a new head on pretrained weights"
-            del d["freeze_epochs"]
         if "scale" in d:
             d["scale"] = tuple(d["scale"])
         return cls(**d).validate()
@@ -239,12 +241,16 @@ class Trainer:
         self.amp = cfg.autocast_dtype()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.head = {id(p) for p in head_parameters(self.model, cfg.arch, num_classes)}
-        self.frozen_epochs = cfg.freeze_epochs
         self.validate_at = set(validated_epochs(self.epochs, cfg.anneal))
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.epoch = 0
         self.history: list[dict[str, float]] = []
         self.best: tuple[float, int, dict[str, torch.Tensor], np.ndarray] | None = None
+
+    @property
+    def frozen_epochs(self) -> int:
+        """Epochs that train only the head (`TrainConfig.freeze_epochs`)."""
+        return self.cfg.freeze_epochs
 
     def train_epoch(self, xs: torch.Tensor, ys: torch.Tensor) -> float:
         """One pass over the training set in a seeded order; returns the mean loss."""
